@@ -1,0 +1,152 @@
+"""Pure pytree operations on (frozen, trainable) pairs: combine, merge, unmerge, checks, counts.
+
+``frozen`` mirrors the parameter tree with ``None`` at fully trained leaves;
+``trainable`` mirrors it with a :class:`LoraFactors` at adapted leaves, the
+array at fully trained leaves and ``None`` elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._config import path_str
+from ._factors import LoraFactors, lora_delta
+from ._qarray import QuantizedArray
+
+
+def is_node(x: Any) -> bool:
+    """Leaves of a frozen/trainable tree: None holes, factors and quantised arrays."""
+    return x is None or isinstance(x, LoraFactors | QuantizedArray)
+
+
+def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
+    return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def check_pair(frozen: Any, trainable: Any) -> None:
+    """Raise if ``trainable`` does not fit ``frozen``, naming the first differing path."""
+    f_items = leaves_with_paths(frozen)
+    t_items = leaves_with_paths(trainable)
+    f_paths = [p for p, _ in f_items]
+    t_paths = [p for p, _ in t_items]
+    if f_paths != t_paths:
+        for i, (fp, tp) in enumerate(zip(f_paths + [None], t_paths + [None])):
+            if fp != tp:
+                raise ValueError(
+                    f"trainable tree does not match frozen tree: at leaf {i} frozen has "
+                    f"{fp!r} but trainable has {tp!r}; pass the pair returned by the same "
+                    f"lj.split call."
+                )
+    for path, (_, w), (_, t) in zip(f_paths, f_items, t_items):
+        if isinstance(t, LoraFactors):
+            if w is None:
+                raise ValueError(f"'{path}': trainable has factors but frozen has no weight.")
+            if tuple(w.shape) != t.shape:
+                raise ValueError(
+                    f"'{path}': factors a{tuple(t.a.shape)}, b{tuple(t.b.shape)} adapt a "
+                    f"weight of shape {t.shape}, but the frozen weight has shape "
+                    f"{tuple(w.shape)}; the adapter was made for a different base."
+                )
+            wide = jnp.promote_types(w.dtype, jnp.float32)
+            if jnp.promote_types(t.a.dtype, wide) != wide:
+                raise ValueError(
+                    f"'{path}': factors are {t.a.dtype} but the base is {w.dtype}; applying "
+                    f"them would upcast the base. Use param_dtype=float32 (or the base dtype)."
+                )
+        elif t is not None and w is not None:
+            raise ValueError(
+                f"'{path}': trainable holds a fully trained array but frozen also holds one; "
+                f"frozen must have None where a leaf is trained fully."
+            )
+
+
+def map_pair(fn: Callable[[Any, Any], Any], frozen: Any, trainable: Any) -> Any:
+    """``fn(frozen_leaf, trainable_leaf)`` over the pair's leaves, keeping frozen's structure."""
+    return jax.tree.map(fn, frozen, trainable, is_leaf=is_node)
+
+
+def _dense(w: Any) -> Any:
+    return w.dequantize() if isinstance(w, QuantizedArray) else w
+
+
+def merge(frozen: Any, trainable: Any) -> Any:
+    """A plain parameter tree: ``W0 + scale * a @ b`` at adapted leaves, trained leaves filled in.
+
+    Each merged weight keeps the base's dtype (the sum is formed in float32 or wider).
+    Quantised bases are dequantised. Example:
+
+        >>> import jax, jax.numpy as jnp, lora_jax as lj
+        >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+        >>> frozen, trainable = lj.split(params, [lj.LoraRule(".*kernel", rank=2)],
+        ...                              key=jax.random.key(0))
+        >>> bool(jnp.all(lj.merge(frozen, trainable)["dense"]["kernel"] == 1.0))
+        True
+    """
+    check_pair(frozen, trainable)
+
+    def leaf(w, t):
+        if isinstance(t, LoraFactors):
+            dense = _dense(w)
+            wide = jnp.promote_types(dense.dtype, jnp.float32)
+            return (dense.astype(wide) + lora_delta(t, wide)).astype(dense.dtype)
+        return t if w is None else w
+
+    return map_pair(leaf, frozen, trainable)
+
+
+def unmerge(merged: Any, trainable: Any) -> Any:
+    """Inverse of :func:`merge`: subtract each update and drop the fully trained leaves.
+
+    Exact up to rounding in the base dtype (float32: ~1 ulp of ``|W0| + |delta|``).
+    """
+
+    def leaf(w, t):
+        if isinstance(t, LoraFactors):
+            if tuple(w.shape) != t.shape:
+                raise ValueError(
+                    f"merged weight of shape {tuple(w.shape)} does not match factors "
+                    f"adapting shape {t.shape}."
+                )
+            wide = jnp.promote_types(w.dtype, jnp.float32)
+            return (w.astype(wide) - lora_delta(t, wide)).astype(w.dtype)
+        return None if t is not None else w
+
+    paths = [p for p, _ in leaves_with_paths(trainable)]
+    m_paths = [p for p, _ in leaves_with_paths(merged)]
+    if len(paths) != len(m_paths):
+        raise ValueError(
+            f"merged tree has {len(m_paths)} leaves but trainable has {len(paths)}; "
+            f"pass the tree returned by lj.merge."
+        )
+    return map_pair(leaf, merged, trainable)
+
+
+def combine(frozen: Any, trainable: Any) -> Any:
+    """The frozen tree with fully trained leaves filled in (factors are not applied)."""
+    return map_pair(lambda w, t: t if w is None else w, frozen, trainable)
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a tree (factors count a and b; quantised arrays their logical size)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree, is_leaf=is_node):
+        if isinstance(leaf, LoraFactors):
+            total += int(np.prod(leaf.a.shape)) + int(np.prod(leaf.b.shape))
+        elif isinstance(leaf, QuantizedArray) or hasattr(leaf, "shape"):
+            total += int(np.prod(leaf.shape))
+    return total
+
+
+def nbytes(tree: Any) -> int:
+    """Bytes held by the arrays of a tree (works on abstract ``ShapeDtypeStruct`` trees)."""
+    return sum(
+        int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype")
+    )
