@@ -6,17 +6,112 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from ._tree import merge
+import jax
+import numpy as np
+
+from . import _engine
+from ._factors import LoraFactors
+from ._implicit import Adapted, Deferred
+from ._qarray import QuantizedArray
+from ._tree import check_pair, is_node, leaves_with_paths, merge
 
 
-def lora_apply(fn: Callable, *, argnum: int = 0, materialize: bool = False, strict: bool = False):
-    """Turn ``fn(params, *args)`` into ``fn(frozen, trainable, *args)``."""
+def _is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic)
+
+
+def _implicit(path: str, w: Any, t: Any) -> Any:
+    """The engine's input for one parameter leaf."""
+    quantised = isinstance(w, QuantizedArray)
+    if not isinstance(t, LoraFactors):
+        if quantised:
+            return Adapted(Deferred(w), None, None, (), (), 1.0, w.shape, w.dtype, path)
+        return w
+    ns = len(t.stack_axes)
+    return Adapted(
+        base=Deferred(w) if quantised else w,
+        a=t.a,
+        b=t.b,
+        a_axes=t.stack_axes + t.in_axes + (None,),
+        b_axes=t.stack_axes[:ns] + (None,) + t.out_axes,
+        scale=t.scale,
+        shape=tuple(w.shape),
+        dtype=w.dtype,
+        path=path,
+        dropout=t.dropout,
+    )
+
+
+def lora_apply(
+    fn: Callable, *, argnum: int = 0, materialize: bool = False, strict: bool = False
+) -> Callable:
+    """Turn ``fn(params, *args)`` into ``fn(frozen, trainable, *args, rng=None)``.
+
+    By default (factored mode) ``fn`` is traced once per input signature and re-run with
+    every adapted weight kept implicit: each use computes ``x @ W0 + scale * ((x @ a) @ b)``
+    (and the matching forms for einsums, convolutions, embedding lookups, scanned stacks
+    and quantised bases), so ``W0 + scale * a @ b`` is never formed and no gradient of a
+    weight's full shape exists. A use that cannot be factored is materialised at that point
+    only, with a :class:`LoraMaterializeWarning` naming the path and operation
+    (``strict=True`` raises :class:`LoraFactoringError` instead). ``materialize=True``
+    rebuilds every effective weight first: the reference oracle.
+
+    Args:
+        fn: a function taking the parameter tree at position ``argnum``.
+        argnum: position of the parameter tree among ``fn``'s arguments.
+        materialize: rebuild ``W0 + scale * a @ b`` before calling ``fn``.
+        strict: raise instead of materialising an unfactorable use.
+
+    Returns:
+        ``wrapped(frozen, trainable, *args, rng=None, **kwargs)``; ``rng`` enables the
+        rules' LoRA dropout on the adapter branch (deterministic when omitted).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lora_jax as lj
+        >>> params = {"w": jnp.ones((3, 2))}
+        >>> frozen, trainable = lj.split(params, [lj.LoraRule("w", rank=1)], key=jax.random.key(0))
+        >>> apply = lj.lora_apply(lambda p, x: x @ p["w"])
+        >>> apply(frozen, trainable, jnp.ones((1, 3)))
+        Array([[3., 3.]], dtype=float32)
+    """
 
     @functools.wraps(fn)
-    def wrapped(frozen: Any, trainable: Any, *args: Any, rng=None, **kwargs: Any):
-        params = merge(frozen, trainable)
-        args = list(args)
-        args.insert(argnum, params)
-        return fn(*args, **kwargs)
+    def wrapped(frozen: Any, trainable: Any, *args: Any, rng: jax.Array | None = None, **kw):
+        check_pair(frozen, trainable)
+        call = lambda params, args, kw: fn(*args[:argnum], params, *args[argnum:], **kw)
+        if materialize:
+            if rng is not None and any(
+                isinstance(t, LoraFactors) and t.dropout > 0 for _, t in leaves_with_paths(trainable)
+            ):
+                raise ValueError(
+                    "LoRA dropout needs the factored engine; use materialize=False or no rng."
+                )
+            return call(merge(frozen, trainable), args, kw)
+
+        items = zip(leaves_with_paths(frozen), leaves_with_paths(trainable))
+        params_leaves = [t if w is None else _implicit(p, w, t) for (p, w), (_, t) in items]
+        treedef = jax.tree.structure(frozen, is_leaf=is_node)
+        dyn_leaves, dyn_tree = jax.tree.flatten((args, kw))
+        dynamic = [i for i, x in enumerate(dyn_leaves) if _is_array(x)]
+
+        def traced(param_vals, dyn_vals):
+            leaves = list(dyn_leaves)
+            for i, x in zip(dynamic, dyn_vals):
+                leaves[i] = x
+            a, k = jax.tree.unflatten(dyn_tree, leaves)
+            return call(jax.tree.unflatten(treedef, param_vals), a, k)
+
+        abstract = [
+            jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, Adapted) else x
+            for x in params_leaves
+        ]
+        closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(
+            abstract, [dyn_leaves[i] for i in dynamic]
+        )
+        ctx = _engine.Context(strict=strict, rng=rng)
+        inputs = params_leaves + [dyn_leaves[i] for i in dynamic]
+        outs = _engine.run_closed(closed, inputs, ctx)
+        outs = [ctx.fallback(o, "output") if isinstance(o, Adapted) else o for o in outs]
+        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
     return wrapped

@@ -1,0 +1,432 @@
+"""Adapted: an adapted weight kept implicit as ``base + scale * (a ⊗ b)`` while a program runs.
+
+The engine (``_engine.py``) carries one ``Adapted`` per adapted (or quantised)
+weight through a traced program. Views of the weight (transpose, reshape,
+slices, gathers, dtype casts) are applied to the base and, axis by axis, to the
+factors; uses (``dot_general``, ``conv_general_dilated``) compute the base term
+and a low-rank term separately, so ``W0 + scale * a @ b`` is never formed.
+
+Each factor records, for each of its axes, which axis of the current view it
+spans (``None`` for the rank axis). A view axis may belong to ``a``, to ``b``
+or to both (stacked-layer axes). The view equals
+``base + scale * einsum(a, b)`` with letters given by those maps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ._qarray import QuantizedArray
+
+AxisMap = tuple[int | None, ...]
+
+
+class Unfactorable(Exception):
+    """Raised internally when a use or view cannot keep the factors apart."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+    """A quantised base plus the views to replay after dequantising it at its point of use."""
+
+    q: QuantizedArray
+    ops: tuple[Callable[[jax.Array], jax.Array], ...] = ()
+
+    def value(self) -> jax.Array:
+        w = self.q.dequantize()
+        for op in self.ops:
+            w = op(w)
+        return w
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapted:
+    """An implicit weight view: ``base + scale * einsum(a, b)`` (factors may be absent)."""
+
+    base: jax.Array | Deferred
+    a: jax.Array | None
+    b: jax.Array | None
+    a_axes: AxisMap
+    b_axes: AxisMap
+    scale: float
+    shape: tuple[int, ...]
+    dtype: Any
+    path: str
+    dropout: float = 0.0
+    indexed: bool = False  # rows were gathered: materialising is the factored lookup
+
+    @property
+    def has_factors(self) -> bool:
+        return self.a is not None
+
+    def base_value(self) -> jax.Array:
+        return self.base.value() if isinstance(self.base, Deferred) else self.base
+
+    def map_base(self, op: Callable[[jax.Array], jax.Array]) -> jax.Array | Deferred:
+        if isinstance(self.base, Deferred):
+            return Deferred(self.base.q, self.base.ops + (op,))
+        return op(self.base)
+
+    def owners(self, axis: int) -> list[str]:
+        return [n for n, m in (("a", self.a_axes), ("b", self.b_axes)) if axis in m]
+
+
+def _letters(n: int) -> str:
+    return string.ascii_letters[:n]
+
+
+RANK = "Z"  # rank letter; view/operand letters come from the lowercase pool first
+
+
+def factor_specs(v: Adapted, view: str) -> tuple[str, str]:
+    """Einsum specs of ``a`` and ``b`` given the letters of the view's axes."""
+    spec = lambda m: "".join(RANK if ax is None else view[ax] for ax in m)
+    return spec(v.a_axes), spec(v.b_axes)
+
+
+def delta(v: Adapted) -> jax.Array:
+    """``scale * einsum(a, b)`` in the view's layout and dtype (only when rows were gathered
+    or a use cannot be factored: this is the one place the product is formed)."""
+    view = _letters(len(v.shape))
+    sa, sb = factor_specs(v, view)
+    a, b = v.a.astype(v.dtype), v.b.astype(v.dtype)
+    d = jnp.einsum(f"{sa},{sb}->{view}", a * jnp.asarray(v.scale, v.dtype), b)
+    return jnp.broadcast_to(d, v.shape)
+
+
+def materialize(v: Adapted) -> jax.Array:
+    base = v.base_value()
+    return base + delta(v).astype(base.dtype) if v.has_factors else base
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def _renumber(v: Adapted, mapping: dict[int, int | None], **changes) -> Adapted:
+    """Move view axes by ``mapping`` (old -> new); factor axes of dropped view axes must be
+    squeezed by the caller beforehand."""
+    ren = lambda m: tuple(None if ax is None else mapping[ax] for ax in m)
+    return dataclasses.replace(v, a_axes=ren(v.a_axes), b_axes=ren(v.b_axes), **changes)
+
+
+def _drop_axes(v: Adapted, axes: Sequence[int]) -> Adapted:
+    """Remove size-1 view axes from the factors that hold them."""
+    axes = set(axes)
+    new = {}
+    for name in ("a", "b"):
+        arr, m = getattr(v, name), getattr(v, name + "_axes")
+        if arr is None:
+            continue
+        pos = [i for i, ax in enumerate(m) if ax in axes]
+        new[name] = jnp.squeeze(arr, axis=tuple(pos)) if pos else arr
+        new[name + "_axes"] = tuple(ax for ax in m if ax not in axes)
+    keep = [i for i in range(len(v.shape)) if i not in axes]
+    shape = tuple(v.shape[i] for i in keep)
+    v = dataclasses.replace(v, **new)
+    return _renumber(v, {old: i for i, old in enumerate(keep)}, shape=shape)
+
+
+def transpose(v: Adapted, perm: Sequence[int]) -> Adapted:
+    inv = {old: new for new, old in enumerate(perm)}
+    base = v.map_base(lambda w: lax.transpose(w, tuple(perm)))
+    return _renumber(v, inv, base=base, shape=tuple(v.shape[p] for p in perm))
+
+
+def convert(v: Adapted, dtype) -> Adapted:
+    return dataclasses.replace(v, base=v.map_base(lambda w: w.astype(dtype)), dtype=dtype)
+
+
+def squeeze(v: Adapted, dims: Sequence[int]) -> Adapted:
+    dims = tuple(d % len(v.shape) for d in dims)
+    base = v.map_base(lambda w: lax.squeeze(w, dims))
+    return dataclasses.replace(_drop_axes(v, dims), base=base)
+
+
+def _groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of axes with equal products (both shapes free of size-1 axes)."""
+    groups, i, j = [], 0, 0
+    while i < len(old):
+        gi, gj, po, pn = [i], [j], old[i], new[j]
+        while po != pn:
+            if po < pn:
+                i += 1
+                gi.append(i)
+                po *= old[i]
+            else:
+                j += 1
+                gj.append(j)
+                pn *= new[j]
+        groups.append((gi, gj))
+        i, j = i + 1, j + 1
+    return groups
+
+
+def reshape(v: Adapted, new_shape: Sequence[int]) -> Adapted:
+    """Reshape the view; axes merged or split must all sit in the same factor(s), in order."""
+    new_shape = tuple(int(s) for s in new_shape)
+    base = v.map_base(lambda w: w.reshape(new_shape))
+    ones = [i for i, s in enumerate(v.shape) if s == 1]
+    u = _drop_axes(v, ones) if ones else v
+    new_big = [i for i, s in enumerate(new_shape) if s != 1]
+    groups = _groups(u.shape, [new_shape[i] for i in new_big])
+    changes: dict[str, Any] = {}
+    for name in ("a", "b"):
+        arr, m = getattr(u, name), getattr(u, name + "_axes")
+        if arr is None:
+            continue
+        shape, axes = [], []
+        pos = 0
+        while pos < len(m):
+            ax = m[pos]
+            if ax is None:
+                shape.append(arr.shape[pos])
+                axes.append(None)
+                pos += 1
+                continue
+            old_g, new_g = next(g for g in groups if ax in g[0])
+            run = list(m[pos : pos + len(old_g)])
+            if run != old_g:
+                raise Unfactorable(f"reshape {v.shape}->{new_shape} mixes factor axes")
+            shape += [new_shape[new_big[k]] for k in new_g]
+            axes += [new_big[k] for k in new_g]
+            pos += len(old_g)
+        changes[name] = arr.reshape(shape)
+        changes[name + "_axes"] = tuple(axes)
+    # Axes of a group must belong to the same factors: check every group is whole in each.
+    for old_g, _ in groups:
+        owner_sets = {tuple(u.owners(ax)) for ax in old_g}
+        if len(owner_sets) != 1:
+            raise Unfactorable(f"reshape {v.shape}->{new_shape} merges a- and b-side axes")
+    new_ones = [i for i, s in enumerate(new_shape) if s == 1]
+    if new_ones and u.a is not None:
+        a = changes["a"]
+        changes["a"] = a.reshape(a.shape[:-1] + (1,) * len(new_ones) + a.shape[-1:])
+        changes["a_axes"] = changes["a_axes"][:-1] + tuple(new_ones) + (None,)
+    return dataclasses.replace(u, base=base, shape=new_shape, **changes)
+
+
+def broadcast_in_dim(v: Adapted, shape: Sequence[int], dims: Sequence[int]) -> Adapted:
+    shape = tuple(shape)
+    base = v.map_base(lambda w: lax.broadcast_in_dim(w, shape, tuple(dims)))
+    u = _renumber(v, dict(enumerate(dims)))
+    changes: dict[str, Any] = {}
+    new_axes = [i for i in range(len(shape)) if i not in dims]
+    for name in ("a", "b"):
+        arr, m = getattr(u, name), getattr(u, name + "_axes")
+        if arr is None:
+            continue
+        target = tuple(arr.shape[i] if ax is None else shape[ax] for i, ax in enumerate(m))
+        if name == "a" and new_axes:
+            arr = arr.reshape(arr.shape[:-1] + (1,) * len(new_axes) + arr.shape[-1:])
+            m = m[:-1] + tuple(new_axes) + (None,)
+            target = target[:-1] + tuple(shape[i] for i in new_axes) + target[-1:]
+        changes[name] = jnp.broadcast_to(arr, target)
+        changes[name + "_axes"] = m
+    return dataclasses.replace(u, base=base, shape=shape, **changes)
+
+
+def _factor_slice(v: Adapted, fn: Callable[[jax.Array, AxisMap], jax.Array]) -> dict[str, Any]:
+    out = {}
+    for name in ("a", "b"):
+        arr = getattr(v, name)
+        if arr is not None:
+            out[name] = fn(arr, getattr(v, name + "_axes"))
+    return out
+
+
+def static_slice(v: Adapted, start, limit, strides) -> Adapted:
+    strides = strides or (1,) * len(v.shape)
+    base = v.map_base(lambda w: lax.slice(w, start, limit, strides))
+
+    def cut(arr, m):
+        st = [0 if ax is None else start[ax] for ax in m]
+        li = [arr.shape[i] if ax is None else limit[ax] for i, ax in enumerate(m)]
+        sd = [1 if ax is None else strides[ax] for ax in m]
+        return lax.slice(arr, st, li, sd)
+
+    shape = tuple(len(range(s, e, d)) for s, e, d in zip(start, limit, strides))
+    return dataclasses.replace(v, base=base, shape=shape, **_factor_slice(v, cut))
+
+
+def dynamic_slice(v: Adapted, starts: Sequence[Any], sizes: Sequence[int]) -> Adapted:
+    base = v.map_base(lambda w: lax.dynamic_slice(w, starts, sizes))
+
+    def cut(arr, m):
+        st = [0 if ax is None else starts[ax] for ax in m]
+        sz = [arr.shape[i] if ax is None else sizes[ax] for i, ax in enumerate(m)]
+        return lax.dynamic_slice(arr, st, sz)
+
+    return dataclasses.replace(v, base=base, shape=tuple(sizes), **_factor_slice(v, cut))
+
+
+def gather(v: Adapted, indices: jax.Array, params: dict) -> Adapted:
+    """Gather rows of the view: the factor(s) holding the indexed axes gather the same rows."""
+    dn = params["dimension_numbers"]
+    if dn.operand_batching_dims:
+        raise Unfactorable("gather with operand batching dims")
+    sizes = params["slice_sizes"]
+    indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
+    owner_sets = {tuple(v.owners(ax)) for ax in indexed}
+    if len(owner_sets) != 1:
+        raise Unfactorable("gather indexes axes of both factors")
+    holders = next(iter(owner_sets))
+
+    base = v.map_base(lambda w: lax.gather(w, indices, **params))
+    out_rank = len(indices.shape) - 1 + len(v.shape) - len(dn.collapsed_slice_dims)
+    batch_pos = [i for i in range(out_rank) if i not in dn.offset_dims]
+    kept = [ax for ax in range(len(v.shape)) if ax not in dn.collapsed_slice_dims]
+    out_pos = dict(zip(kept, dn.offset_dims))
+    changes: dict[str, Any] = {}
+    for name in ("a", "b"):
+        arr, m = getattr(v, name), getattr(v, name + "_axes")
+        if arr is None:
+            continue
+        if name in holders:
+            fkept = [i for i, ax in enumerate(m) if ax not in dn.collapsed_slice_dims]
+            nb = len(indices.shape) - 1
+            fdn = lax.GatherDimensionNumbers(
+                offset_dims=tuple(range(nb, nb + len(fkept))),
+                collapsed_slice_dims=tuple(m.index(ax) for ax in dn.collapsed_slice_dims),
+                start_index_map=tuple(m.index(ax) for ax in dn.start_index_map),
+            )
+            fsizes = tuple(arr.shape[i] if ax is None else sizes[ax] for i, ax in enumerate(m))
+            changes[name] = lax.gather(
+                arr,
+                indices,
+                fdn,
+                fsizes,
+                indices_are_sorted=params["indices_are_sorted"],
+                unique_indices=params["unique_indices"],
+                mode=params["mode"],
+                fill_value=params["fill_value"],
+            )
+            changes[name + "_axes"] = tuple(batch_pos) + tuple(
+                None if m[i] is None else out_pos[m[i]] for i in fkept
+            )
+        else:
+            lim = [arr.shape[i] if ax is None else sizes[ax] for i, ax in enumerate(m)]
+            changes[name] = lax.slice(arr, [0] * arr.ndim, lim)
+            changes[name + "_axes"] = tuple(None if ax is None else out_pos[ax] for ax in m)
+    shape = tuple(jax.eval_shape(lambda w: lax.gather(w, indices, **params), _sds(v)).shape)
+    return dataclasses.replace(v, base=base, shape=shape, indexed=True, **changes)
+
+
+def _sds(v: Adapted) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(v.shape, v.dtype)
+
+
+# ----------------------------------------------------------------------------- uses
+
+
+def contract(x: jax.Array, xs: str, f: jax.Array, fs: str, out: str, **dot_kw) -> jax.Array:
+    """``einsum(xs, fs -> out)`` as one dot_general with both operands flattened to 2-D/3-D.
+
+    XLA:CPU runs the weight-gradient contractions of flattened operands much faster
+    than those of (batch, seq, d) activations.
+    """
+    batch = [c for c in xs if c in fs and c in out]
+    contr = [c for c in xs if c in fs and c not in out]
+    xk = [c for c in xs if c not in fs]
+    fk = [c for c in fs if c not in xs]
+    # Letters in one operand only and not in the output are summed first.
+    x_sum = [c for c in xk if c not in out]
+    f_sum = [c for c in fk if c not in out]
+    if x_sum:
+        x = jnp.sum(x, axis=tuple(xs.index(c) for c in x_sum))
+        xs = "".join(c for c in xs if c not in x_sum)
+        xk = [c for c in xk if c not in x_sum]
+    if f_sum:
+        f = jnp.sum(f, axis=tuple(fs.index(c) for c in f_sum))
+        fs = "".join(c for c in fs if c not in f_sum)
+        fk = [c for c in fk if c not in f_sum]
+    size = dict(zip(xs, x.shape)) | dict(zip(fs, f.shape))
+    prod = lambda cs: int(np.prod([size[c] for c in cs]))
+    x2 = jnp.transpose(x, [xs.index(c) for c in batch + xk + contr])
+    x2 = x2.reshape([size[c] for c in batch] + [prod(xk), prod(contr)])
+    f2 = jnp.transpose(f, [fs.index(c) for c in batch + contr + fk])
+    f2 = f2.reshape([size[c] for c in batch] + [prod(contr), prod(fk)])
+    nb = len(batch)
+    dn = (((nb + 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
+    y = lax.dot_general(x2, f2, dn, **dot_kw)
+    y = y.reshape([size[c] for c in batch + xk + fk])
+    have = "".join(batch + xk + fk)
+    return jnp.transpose(y, [have.index(c) for c in out])
+
+
+def _dot_letters(x_ndim: int, w_ndim: int, x_is_lhs: bool, dn) -> tuple[str, str, str]:
+    (lc, rc), (lb, rb) = dn
+    xc, wc, xb, wb = (lc, rc, lb, rb) if x_is_lhs else (rc, lc, rb, lb)
+    pool = iter(string.ascii_lowercase + string.ascii_uppercase.replace(RANK, ""))
+    xl = [next(pool) for _ in range(x_ndim)]
+    wl: list[str | None] = [None] * w_ndim
+    for i, j in zip(xc, wc):
+        wl[j] = xl[i]
+    for i, j in zip(xb, wb):
+        wl[j] = xl[i]
+    wl = [c if c is not None else next(pool) for c in wl]
+    batch = "".join(xl[i] for i in xb)
+    x_free = "".join(c for i, c in enumerate(xl) if i not in xc and i not in xb)
+    w_free = "".join(c for j, c in enumerate(wl) if j not in wc and j not in wb)
+    out = batch + (x_free + w_free if x_is_lhs else w_free + x_free)
+    return "".join(xl), "".join(wl), out
+
+
+def lowrank_dot(
+    x: jax.Array, v: Adapted, x_is_lhs: bool, dn, out_dtype, precision, rng
+) -> jax.Array:
+    """The low-rank term of ``dot_general(x, W)``: ``scale * ((drop(x) . f1) . f2)``."""
+    xs, ws, out = _dot_letters(x.ndim, len(v.shape), x_is_lhs, dn)
+    sa, sb = factor_specs(v, ws)
+    compute = x.dtype
+    a, b = v.a.astype(compute), v.b.astype(compute)
+    size = dict(zip(xs, x.shape))
+    shared = lambda s: int(np.prod([size[c] for c in s if c in xs]))
+    (f1, s1), (f2, s2) = ((a, sa), (b, sb)) if shared(sa) >= shared(sb) else ((b, sb), (a, sa))
+    if rng is not None and v.dropout > 0:
+        keep = jax.random.bernoulli(rng, 1.0 - v.dropout, x.shape)
+        x = jnp.where(keep, x / jnp.asarray(1.0 - v.dropout, x.dtype), jnp.zeros((), x.dtype))
+    kw = dict(precision=precision, preferred_element_type=out_dtype)
+    t_spec = "".join(dict.fromkeys(c for c in xs + s1 if c in out or c in s2))
+    t = contract(x, xs, f1, s1, t_spec, **kw)
+    t = t * jnp.asarray(v.scale, t.dtype)
+    return contract(t, t_spec, f2.astype(t.dtype), s2, out, **kw)
+
+
+def lowrank_conv(x: jax.Array, v: Adapted, params: dict, rng) -> jax.Array:
+    """The low-rank term of a convolution: ``conv(drop(x), a)`` then a 1x1 map by ``b``."""
+    dn = params["dimension_numbers"]
+    out_feat, in_feat, *spatial = dn.rhs_spec
+    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+        raise Unfactorable("grouped convolution")
+    if v.b_axes.count(None) != 1 or [ax for ax in v.b_axes if ax is not None] != [out_feat]:
+        raise Unfactorable("conv kernel's output side is not the output-feature axis")
+    if sorted(ax for ax in v.a_axes if ax is not None) != sorted([in_feat, *spatial]):
+        raise Unfactorable("conv kernel's input side is not the spatial and input axes")
+    a = v.a.astype(x.dtype)
+    rhs_a = (v.a_axes.index(None), v.a_axes.index(in_feat), *(v.a_axes.index(s) for s in spatial))
+    if rng is not None and v.dropout > 0:
+        keep = jax.random.bernoulli(rng, 1.0 - v.dropout, x.shape)
+        x = jnp.where(keep, x / jnp.asarray(1.0 - v.dropout, x.dtype), jnp.zeros((), x.dtype))
+    kw = {k: params[k] for k in ("window_strides", "padding", "lhs_dilation", "rhs_dilation")}
+    t = lax.conv_general_dilated(
+        x,
+        a,
+        dimension_numbers=lax.ConvDimensionNumbers(dn.lhs_spec, rhs_a, dn.out_spec),
+        precision=params["precision"],
+        preferred_element_type=params["preferred_element_type"],
+        **kw,
+    )
+    t = t * jnp.asarray(v.scale, t.dtype)
+    feat = dn.out_spec[1]
+    t = jnp.moveaxis(t, feat, -1)
+    b = v.b if v.b_axes.index(None) == 0 else v.b.T
+    y = contract(t, _letters(t.ndim - 1) + RANK, b.astype(t.dtype), RANK + "Y", _letters(t.ndim - 1) + "Y")
+    return jnp.moveaxis(y, -1, feat)
