@@ -91,13 +91,18 @@ def factor_specs(factors: LoraFactors) -> tuple[str, str, str]:
     return a, b, w
 
 
+def wide_dtype(*dtypes) -> jnp.dtype:
+    """float64 if any of ``dtypes`` is, else float32: where sums of weights are formed."""
+    return jnp.dtype(jnp.float64 if any(jnp.dtype(d) == jnp.float64 for d in dtypes) else jnp.float32)
+
+
 def lora_delta(factors: LoraFactors, dtype=None) -> jax.Array:
     """The dense update ``scale * a @ b`` in the weight's layout.
 
     Computed in float32 or wider (the factors' dtype if wider), then cast to ``dtype``.
     """
     a_spec, b_spec, w_spec = factor_specs(factors)
-    compute = jnp.promote_types(factors.a.dtype, jnp.float32)
+    compute = wide_dtype(factors.a.dtype)
     delta = jnp.einsum(
         f"{a_spec},{b_spec}->{w_spec}",
         factors.a.astype(compute),

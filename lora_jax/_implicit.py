@@ -150,6 +150,19 @@ def squeeze(v: Adapted, dims: Sequence[int]) -> Adapted:
     return dataclasses.replace(_drop_axes(v, dims), base=base)
 
 
+def _sorted_factors(v: Adapted) -> Adapted:
+    """Transpose each factor so its view axes run in view order (rank axis last)."""
+    changes: dict[str, Any] = {}
+    for name in ("a", "b"):
+        arr, m = getattr(v, name), getattr(v, name + "_axes")
+        if arr is None:
+            continue
+        order = sorted(range(len(m)), key=lambda i: len(m) if m[i] is None else m[i])
+        changes[name] = jnp.transpose(arr, order)
+        changes[name + "_axes"] = tuple(m[i] for i in order)
+    return dataclasses.replace(v, **changes)
+
+
 def _groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]]:
     """Pair runs of axes with equal products (both shapes free of size-1 axes)."""
     groups, i, j = [], 0, 0
@@ -174,7 +187,7 @@ def reshape(v: Adapted, new_shape: Sequence[int]) -> Adapted:
     new_shape = tuple(int(s) for s in new_shape)
     base = v.map_base(lambda w: w.reshape(new_shape))
     ones = [i for i, s in enumerate(v.shape) if s == 1]
-    u = _drop_axes(v, ones) if ones else v
+    u = _sorted_factors(_drop_axes(v, ones) if ones else v)
     new_big = [i for i, s in enumerate(new_shape) if s != 1]
     groups = _groups(u.shape, [new_shape[i] for i in new_big])
     changes: dict[str, Any] = {}

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._config import path_str
-from ._factors import LoraFactors, lora_delta
+from ._factors import LoraFactors, lora_delta, wide_dtype
 from ._qarray import QuantizedArray
 
 
@@ -53,8 +53,7 @@ def check_pair(frozen: Any, trainable: Any) -> None:
                     f"weight of shape {t.shape}, but the frozen weight has shape "
                     f"{tuple(w.shape)}; the adapter was made for a different base."
                 )
-            wide = jnp.promote_types(w.dtype, jnp.float32)
-            if jnp.promote_types(t.a.dtype, wide) != wide:
+            if jnp.dtype(t.a.dtype).itemsize > max(jnp.dtype(w.dtype).itemsize, 4):
                 raise ValueError(
                     f"'{path}': factors are {t.a.dtype} but the base is {w.dtype}; applying "
                     f"them would upcast the base. Use param_dtype=float32 (or the base dtype)."
@@ -93,7 +92,7 @@ def merge(frozen: Any, trainable: Any) -> Any:
     def leaf(w, t):
         if isinstance(t, LoraFactors):
             dense = _dense(w)
-            wide = jnp.promote_types(dense.dtype, jnp.float32)
+            wide = wide_dtype(dense.dtype, t.a.dtype)
             return (dense.astype(wide) + lora_delta(t, wide)).astype(dense.dtype)
         return t if w is None else w
 
@@ -113,7 +112,7 @@ def unmerge(merged: Any, trainable: Any) -> Any:
                     f"merged weight of shape {tuple(w.shape)} does not match factors "
                     f"adapting shape {t.shape}."
                 )
-            wide = jnp.promote_types(w.dtype, jnp.float32)
+            wide = wide_dtype(w.dtype, t.a.dtype)
             return (w.astype(wide) - lora_delta(t, wide)).astype(w.dtype)
         return None if t is not None else w
 

@@ -1,0 +1,495 @@
+"""Adapter checkpoints with orbax: only the trainable tree is written.
+
+A checkpoint is an orbax composite directory with two items:
+
+* ``arrays``: the factors ``a``/``b`` and the fully trained leaves (orbax
+  ``StandardSave``, so large adapters are written sharded and in parallel);
+* ``meta``: JSON with the tree structure (``None`` holes included: orbax drops
+  them), the static fields of every :class:`~lora_jax.LoraFactors`, the rules,
+  a fingerprint of the frozen base (paths, shapes, dtypes, optional content
+  hash), a SHA-256 digest of every array, the step, user metadata and
+  ``lora_jax.__version__``.
+
+Saves are atomic: orbax writes to a temporary directory and renames it, and an
+existing checkpoint is only replaced once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ._config import LoraRule
+from ._factors import LoraFactors
+from ._qarray import QuantizedArray
+from ._tree import is_node, leaves_with_paths
+
+FORMAT = "lora_jax.adapters"
+FORMAT_VERSION = 1
+
+
+def fingerprint(frozen: Any, *, content: bool = False) -> dict:
+    """A JSON-able summary of a frozen base: every path with its shape and dtype.
+
+    Args:
+        frozen: the frozen tree from :func:`lora_jax.split` (``None`` at fully trained leaves).
+        content: also hash the bytes of every leaf (reads the whole base to the host).
+
+    Returns:
+        ``{"leaves": [[path, shape or None, dtype or None], ...], "sha256": str or None}``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> fingerprint({"w": jnp.zeros((2, 3)), "head": None})["leaves"]
+        [['head', None, None], ['w', [2, 3], 'float32']]
+    """
+    digest = hashlib.sha256() if content else None
+    leaves = []
+    for path, w in leaves_with_paths(frozen):
+        if w is None:
+            leaves.append([path, None, None])
+            continue
+        leaves.append([path, [int(d) for d in w.shape], jnp.dtype(w.dtype).name])
+        if digest is not None:
+            for x in jax.tree.leaves(w):
+                digest.update(np.ascontiguousarray(np.asarray(x)).tobytes())
+    return {"leaves": leaves, "sha256": None if digest is None else digest.hexdigest()}
+
+
+def _is_fingerprint(base: Any) -> bool:
+    return isinstance(base, dict) and set(base) == {"leaves", "sha256"}
+
+
+def _as_fingerprint(base: Any) -> dict:
+    return base if _is_fingerprint(base) else fingerprint(base)
+
+
+def _array_info(x: Any) -> dict:
+    info = {"shape": [int(d) for d in x.shape], "dtype": jnp.dtype(x.dtype).name}
+    if getattr(x, "is_fully_addressable", True):
+        info["sha256"] = hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
+    return info
+
+
+def _rule_to_json(rule: LoraRule) -> dict:
+    out = {f.name: getattr(rule, f.name) for f in dataclasses.fields(rule)}
+    out["param_dtype"] = jnp.dtype(rule.param_dtype).name
+    for name in ("in_axes", "stack_axes"):
+        out[name] = None if out[name] is None else list(out[name])
+    return out
+
+
+def _rule_from_json(d: dict) -> LoraRule:
+    d = dict(d)
+    d["param_dtype"] = jnp.dtype(d["param_dtype"])
+    for name in ("in_axes", "stack_axes"):
+        d[name] = None if d[name] is None else tuple(d[name])
+    return LoraRule(**d)
+
+
+class _Slot:
+    """Placeholder leaf used to record and rebuild a tree's structure."""
+
+
+def _encode(node: Any) -> Any:
+    if is_node(node) or hasattr(node, "shape"):
+        return "leaf"
+    if type(node) is dict:
+        return {"dict": [[k, _encode(node[k])] for k in sorted(node)]}
+    if type(node) in (list, tuple):
+        return {type(node).__name__: [_encode(x) for x in node]}
+    raise TypeError(type(node).__name__)
+
+
+def _decode(enc: Any) -> Any:
+    if enc == "leaf":
+        return _Slot()
+    if "dict" in enc:
+        return {k: _decode(v) for k, v in enc["dict"]}
+    kind, items = next(iter(enc.items()))
+    seq = [_decode(x) for x in items]
+    return seq if kind == "list" else tuple(seq)
+
+
+def _structure(trainable: Any) -> Any:
+    """JSON form of the tree structure, or None when it holds custom pytree nodes."""
+    try:
+        enc = _encode(trainable)
+    except TypeError:
+        return None
+    skeleton = jax.tree.map(lambda _: _Slot(), trainable, is_leaf=is_node)
+    rebuilt = _decode(enc)
+    same = jax.tree.structure(skeleton) == jax.tree.structure(rebuilt)
+    return enc if same else None
+
+
+def _pack(trainable, rules, base, step, metadata) -> tuple[dict, dict]:
+    """The orbax ``arrays`` item and the JSON ``meta`` item of one checkpoint."""
+    from . import __version__
+
+    if isinstance(rules, LoraRule):
+        rules = [rules]
+    entries, arrays = [], {}
+    for i, (path, t) in enumerate(leaves_with_paths(trainable)):
+        key = f"{i:05d}"
+        if t is None:
+            entries.append({"path": path, "kind": "none"})
+        elif isinstance(t, LoraFactors):
+            entries.append(
+                {
+                    "path": path,
+                    "kind": "factors",
+                    "alpha": float(t.alpha),
+                    "stack_axes": list(t.stack_axes),
+                    "in_axes": list(t.in_axes),
+                    "out_axes": list(t.out_axes),
+                    "rslora": bool(t.rslora),
+                    "dropout": float(t.dropout),
+                    "arrays": {"a": _array_info(t.a), "b": _array_info(t.b)},
+                }
+            )
+            arrays[key] = {"a": t.a, "b": t.b}
+        elif isinstance(t, QuantizedArray) or not hasattr(t, "shape"):
+            raise TypeError(
+                f"'{path}': trainable leaf of type {type(t).__name__} cannot be saved; the "
+                f"trainable tree holds LoraFactors, arrays and None (from lj.split)."
+            )
+        else:
+            entries.append({"path": path, "kind": "array", "arrays": {"w": _array_info(t)}})
+            arrays[key] = {"w": t}
+    base_fp = _as_fingerprint(base)
+    _check_fits(base_fp, entries, "the base passed to save_adapters")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lora_jax_version": __version__,
+        "structure": _structure(trainable),
+        "leaves": entries,
+        "rules": [_rule_to_json(r) for r in rules],
+        "base": base_fp,
+        "step": None if step is None else int(step),
+        "metadata": metadata,
+    }
+    return arrays, meta
+
+
+def _entry_shape(entry: dict) -> tuple[int, ...] | None:
+    """Shape of the base weight an entry adapts (None for holes and trained leaves)."""
+    if entry["kind"] != "factors":
+        return None
+    a, b = entry["arrays"]["a"]["shape"], entry["arrays"]["b"]["shape"]
+    ns = len(entry["stack_axes"])
+    sizes = dict(zip(entry["stack_axes"], a[:ns]))
+    sizes.update(zip(entry["in_axes"], a[ns:-1]))
+    sizes.update(zip(entry["out_axes"], b[ns + 1 :]))
+    return tuple(sizes[i] for i in range(len(sizes)))
+
+
+def _check_fits(fp: dict, entries: list[dict], what: str) -> None:
+    """Raise naming the first path where the adapter entries do not fit a base fingerprint."""
+    base = {p: (s, d) for p, s, d in fp["leaves"]}
+    paths = [p for p, _, _ in fp["leaves"]]
+    mine = [e["path"] for e in entries]
+    if paths != mine:
+        for i, (p, q) in enumerate(zip(paths + [None], mine + [None])):
+            if p != q:
+                raise ValueError(
+                    f"adapter does not fit {what}: at leaf {i} the base has {p!r} but the adapter "
+                    f"has {q!r}; load onto the model the adapter was trained on."
+                )
+    for e in entries:
+        shape, _ = base[e["path"]]
+        want = _entry_shape(e)
+        if e["kind"] == "factors" and (shape is None or tuple(shape) != want):
+            raise ValueError(
+                f"adapter does not fit {what}: '{e['path']}' has shape "
+                f"{None if shape is None else tuple(shape)} in the base but the adapter's factors "
+                f"adapt shape {want}; load onto the model the adapter was trained on."
+            )
+        if e["kind"] == "array" and shape is not None:
+            raise ValueError(
+                f"adapter does not fit {what}: '{e['path']}' is trained fully by the adapter but "
+                f"the base holds a weight there; pass the frozen tree from lj.split."
+            )
+
+
+def _check_base(stored: dict, base: Any, entries: list[dict]) -> None:
+    fp = _as_fingerprint(base)
+    _check_fits(fp, entries, "base")
+    if stored["sha256"] is not None and not _is_fingerprint(base):
+        fp = fingerprint(base, content=True)
+    if stored["sha256"] is not None and fp["sha256"] not in (None, stored["sha256"]):
+        raise ValueError(
+            f"base content hash {fp['sha256'][:12]}... differs from the one saved with the "
+            f"adapter ({stored['sha256'][:12]}...): same shapes, different weights. Load onto "
+            f"the base the adapter was trained on."
+        )
+
+
+def _target(info: dict, like_leaf: Any) -> jax.ShapeDtypeStruct:
+    sharding = getattr(like_leaf, "sharding", None)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(tuple(info["shape"]), jnp.dtype(info["dtype"]), sharding=sharding)
+
+
+def _kind_and_shapes(x: Any) -> tuple[str, Any]:
+    if x is None:
+        return "none", None
+    if isinstance(x, LoraFactors):
+        return "factors", (tuple(x.a.shape), tuple(x.b.shape))
+    return "array", (tuple(x.shape),)
+
+
+def _like_leaves(like: Any, entries: list[dict]) -> list[Any]:
+    items = leaves_with_paths(like)
+    for i in range(max(len(items), len(entries))):
+        path, x = items[i] if i < len(items) else (None, None)
+        e = entries[i] if i < len(entries) else {"path": None, "kind": "none"}
+        kind, got = _kind_and_shapes(x)
+        names = {"factors": ("a", "b"), "array": ("w",)}.get(e["kind"], ())
+        want = tuple(tuple(e["arrays"][n]["shape"]) for n in names) or None
+        if path != e["path"] or kind != e["kind"] or got != want:
+            raise ValueError(
+                f"like= does not match the checkpoint at leaf {i}: like has {path!r} ({kind}, "
+                f"shapes {got}) where the checkpoint has {e['path']!r} ({e['kind']}, shapes "
+                f"{want}); build like from the same lj.split call (e.g. with jax.eval_shape)."
+            )
+    return [x for _, x in items]
+
+
+def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) -> Any:
+    try:
+        meta = restore(ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+        raise ValueError(f"cannot read adapter checkpoint metadata in {where}/meta: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{where}/meta is not a lora_jax adapter checkpoint (format missing).")
+    entries = meta["leaves"]
+    if base is not None:
+        _check_base(meta["base"], base, entries)
+    if like is not None:
+        like_leaves = _like_leaves(like, entries)
+    elif meta["structure"] is None:
+        raise ValueError(
+            f"{where} holds a tree with custom pytree nodes whose structure cannot be stored; "
+            f"pass like= (e.g. jax.eval_shape of the lj.split call)."
+        )
+    else:
+        like_leaves = [None] * len(entries)
+    abstract = {}
+    for i, (e, x) in enumerate(zip(entries, like_leaves)):
+        if e["kind"] == "factors":
+            xa, xb = (x.a, x.b) if x is not None else (None, None)
+            abstract[f"{i:05d}"] = {
+                "a": _target(e["arrays"]["a"], xa),
+                "b": _target(e["arrays"]["b"], xb),
+            }
+        elif e["kind"] == "array":
+            abstract[f"{i:05d}"] = {"w": _target(e["arrays"]["w"], x)}
+    try:
+        arrays = restore(ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))["arrays"]
+    except Exception as e:
+        raise ValueError(f"cannot read adapter arrays in {where}/arrays: {e}") from e
+
+    def get(i: int, name: str, x: Any) -> jax.Array:
+        arr, info = arrays[f"{i:05d}"][name], entries[i]["arrays"][name]
+        if "sha256" in info and getattr(arr, "is_fully_addressable", True):
+            got = hashlib.sha256(np.ascontiguousarray(np.asarray(arr)).tobytes()).hexdigest()
+            if got != info["sha256"]:
+                raise ValueError(
+                    f"adapter checkpoint {where}/arrays is corrupted: '{entries[i]['path']}' "
+                    f"({name}) does not match its saved SHA-256; re-save or use another step."
+                )
+        return arr if x is None else arr.astype(x.dtype)
+
+    values = []
+    for i, (e, x) in enumerate(zip(entries, like_leaves)):
+        if e["kind"] == "none":
+            values.append(None)
+        elif e["kind"] == "array":
+            values.append(get(i, "w", x))
+        else:
+            values.append(
+                LoraFactors(
+                    a=get(i, "a", None if x is None else x.a),
+                    b=get(i, "b", None if x is None else x.b),
+                    alpha=e["alpha"],
+                    stack_axes=tuple(e["stack_axes"]),
+                    in_axes=tuple(e["in_axes"]),
+                    out_axes=tuple(e["out_axes"]),
+                    rslora=e["rslora"],
+                    dropout=e["dropout"],
+                )
+            )
+    skeleton = like if like is not None else _decode(meta["structure"])
+    return jax.tree.unflatten(jax.tree.structure(skeleton, is_leaf=is_node), values)
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def _composite(arrays: dict, meta: dict) -> ocp.args.Composite:
+    return ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
+
+
+def save_adapters(
+    path: str | os.PathLike,
+    trainable: Any,
+    *,
+    rules: Sequence[LoraRule] | LoraRule,
+    base: Any,
+    step: int | None = None,
+    metadata: dict | None = None,
+) -> pathlib.Path:
+    """Write the trainable tree (factors and fully trained leaves) to ``path``.
+
+    Args:
+        path: checkpoint directory; an existing one is replaced only after the new
+            checkpoint is complete.
+        trainable: the trainable tree from :func:`lora_jax.split` (after training).
+        rules: the LoraRules used to split (stored for reference).
+        base: the frozen tree, or its :func:`fingerprint` (pass one made with
+            ``content=True`` to have loads verify the base's bytes).
+        step: training step to record.
+        metadata: any JSON-able dict to store alongside.
+
+    Returns:
+        The absolute checkpoint path.
+
+    Example:
+        >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
+        >>> rules = [lj.LoraRule("q/kernel", rank=2)]
+        >>> frozen, trainable = lj.split({"q": {"kernel": jnp.ones((8, 4))}}, rules,
+        ...                              key=jax.random.key(0))
+        >>> d = tempfile.mkdtemp()
+        >>> p = lj.save_adapters(d + "/ckpt", trainable, rules=rules, base=frozen, step=10)
+        >>> back = lj.load_adapters(p, base=frozen)
+        >>> bool((back["q"]["kernel"].a == trainable["q"]["kernel"].a).all())
+        True
+    """
+    path = pathlib.Path(path).absolute()
+    arrays, meta = _pack(trainable, rules, base, step, metadata)
+    staging = path.with_name(f"{path.name}.saving-{uuid.uuid4().hex[:8]}")
+    _checkpointer().save(staging, args=_composite(arrays, meta))
+    if path.exists():
+        old = path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:8]}")
+        path.rename(old)
+        staging.rename(path)
+        shutil.rmtree(old)
+    else:
+        staging.rename(path)
+    return path
+
+
+def load_adapters(path: str | os.PathLike, *, like: Any = None, base: Any = None) -> Any:
+    """Read a trainable tree written by :func:`save_adapters`.
+
+    Args:
+        path: the checkpoint directory.
+        like: optional tree with the trainable structure whose leaves are arrays or
+            ``jax.ShapeDtypeStruct`` (e.g. ``jax.eval_shape`` of the ``lj.split`` call, with
+            ``.sharding`` set): arrays are restored onto those shardings and cast to
+            those dtypes. Without it, arrays land on the first device in the saved dtype.
+        base: optional frozen tree (or fingerprint) the adapter will be applied to; a
+            different path, shape (or content, if hashed at save) raises.
+
+    Returns:
+        The trainable tree: LoraFactors with their saved static fields, fully trained
+        arrays, ``None`` holes.
+
+    Raises:
+        ValueError: unreadable or corrupted checkpoint, a base or ``like`` that does not fit.
+    """
+    path = pathlib.Path(path).absolute()
+    if not path.is_dir():
+        raise ValueError(f"no adapter checkpoint at {path}; expected a directory.")
+    ckptr = _checkpointer()
+    return _unpack(lambda args: ckptr.restore(path, args=args), str(path), like, base)
+
+
+def read_info(path: str | os.PathLike) -> dict:
+    """The stored metadata of a checkpoint: rules (as LoraRules), step, metadata, base, version."""
+    path = pathlib.Path(path).absolute()
+    try:
+        meta = _checkpointer().restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:
+        raise ValueError(f"cannot read adapter checkpoint metadata in {path}/meta: {e}") from e
+    meta = dict(meta["meta"])
+    meta["rules"] = [_rule_from_json(r) for r in meta["rules"]]
+    return meta
+
+
+class AdapterCheckpointManager:
+    """Periodic adapter saves during training, keeping the last ``max_to_keep`` steps.
+
+    Wraps ``ocp.CheckpointManager``; each step directory has the same layout as
+    :func:`save_adapters` writes, so :func:`load_adapters` reads it too.
+
+    Example:
+        >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
+        >>> rules = [lj.LoraRule("w", rank=1)]
+        >>> frozen, trainable = lj.split({"w": jnp.ones((4, 4))}, rules, key=jax.random.key(0))
+        >>> mgr = lj.checkpoint.AdapterCheckpointManager(tempfile.mkdtemp(), max_to_keep=2)
+        >>> for step in range(4):
+        ...     _ = mgr.save(step, trainable, rules=rules, base=frozen)
+        >>> mgr.all_steps()
+        [2, 3]
+        >>> mgr.restore()["w"].rank
+        1
+        >>> mgr.close()
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = None):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self._mgr = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("arrays", "meta")
+        )
+
+    def save(
+        self,
+        step: int,
+        trainable: Any,
+        *,
+        rules: Sequence[LoraRule] | LoraRule,
+        base: Any,
+        metadata: dict | None = None,
+    ) -> bool:
+        """Save ``trainable`` as ``step`` (blocks until written). Returns whether it saved."""
+        arrays, meta = _pack(trainable, rules, base, step, metadata)
+        saved = self._mgr.save(step, args=_composite(arrays, meta))
+        self._mgr.wait_until_finished()
+        return saved
+
+    def restore(self, step: int | None = None, *, like: Any = None, base: Any = None) -> Any:
+        """The trainable tree of ``step`` (default: the latest); see :func:`load_adapters`."""
+        step = self._mgr.latest_step() if step is None else step
+        if step is None or step not in self._mgr.all_steps():
+            raise ValueError(
+                f"no adapter checkpoint for step {step} in {self.directory}; "
+                f"saved steps: {list(self._mgr.all_steps())}."
+            )
+        where = str(self.directory / str(step))
+        return _unpack(lambda args: self._mgr.restore(step, args=args), where, like, base)
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._mgr.all_steps())
+
+    def close(self) -> None:
+        self._mgr.close()

@@ -1,0 +1,403 @@
+"""Reading and writing the PEFT adapter format (``adapter_config.json`` + safetensors).
+
+PEFT names every tensor after the torch module it adapts:
+
+========================================  ==================  =========================
+PEFT key (after ``base_model.model.``)    shape               lora_jax
+========================================  ==================  =========================
+``<module>.lora_A.weight``                ``(r, in)``         ``a.T``, ``a (in, r)``
+``<module>.lora_B.weight``                ``(out, r)``        ``b.T``, ``b (r, out)``
+``<module>.lora_embedding_A``             ``(r, vocab)``      ``a.T``, ``a (vocab, r)``
+``<module>.lora_embedding_B``             ``(dim, r)``        ``b.T``, ``b (r, dim)``
+``<module>.weight`` / ``.bias``           torch layout        fully trained leaf
+========================================  ==================  =========================
+
+The factors have the same layout for ``nn.Linear``, ``nn.Embedding`` and GPT-2's
+``Conv1D`` (``fan_in_fan_out=True``); only fully trained leaves (PEFT's
+``modules_to_save``) depend on the torch layout. Stacked leaves ``(L, ...)`` map
+to ``L`` per-layer modules. Scale: ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
+
+The ``key_map`` names the torch module of each of our leaves: any object with
+``to_hf(path, layer=None)`` returning a target with ``.key`` (torch state-dict key,
+``"...q_proj.weight"``), ``.module`` and ``.transposed`` (torch stores our leaf
+transposed, as ``nn.Linear`` does) and ``.layout`` (``"embedding"`` for embedding
+tables). ``to_hf`` raises ``KeyError`` for unmapped paths and ``ValueError`` when a
+stacked leaf is named without ``layer``. The reference models publish one as
+``lora_jax.models.bert.PEFT_KEY_MAP`` / ``lora_jax.models.llama.PEFT_KEY_MAP``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from ._config import LoraRule
+from ._factors import LoraFactors
+from ._tree import is_node, leaves_with_paths
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+ROOT = "base_model.model."
+
+
+class HFTarget(Protocol):
+    key: str
+    layout: str
+
+    @property
+    def module(self) -> str: ...
+
+    @property
+    def transposed(self) -> bool: ...
+
+
+class KeyMap(Protocol):
+    def to_hf(self, path: str, layer: int | None = None) -> HFTarget: ...
+
+
+def _targets(key_map: KeyMap, path: str, n_layers: int | None) -> tuple[list[HFTarget], bool]:
+    """Torch targets of one leaf (one per layer when the map stacks it) and whether stacked.
+
+    ``n_layers`` is the size of the leaf's axis 0 (None for a scalar). Raises KeyError
+    for an unmapped path.
+    """
+    try:
+        return [key_map.to_hf(path)], False
+    except ValueError:
+        if n_layers is None:
+            raise
+        return [key_map.to_hf(path, layer=i) for i in range(n_layers)], True
+
+
+def _number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _common(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The most common value and a {module: value} pattern of the others."""
+    top = collections.Counter(values.values()).most_common(1)[0][0]
+    return top, {m: v for m, v in values.items() if v != top}
+
+
+def _one(values: dict[str, Any], name: str) -> Any:
+    distinct = sorted(set(values.values()))
+    if len(distinct) > 1:
+        raise ValueError(
+            f"PEFT has one {name} per adapter but the factors use {distinct} "
+            f"(e.g. {next(iter(values))!r}); use one value in all LoraRules."
+        )
+    return distinct[0]
+
+
+def _to_torch(w: np.ndarray, transposed: bool) -> np.ndarray:
+    return np.ascontiguousarray(w.T if transposed and w.ndim == 2 else w)
+
+
+def save_pretrained(
+    directory: str | os.PathLike,
+    trainable: Any,
+    *,
+    key_map: KeyMap,
+    rules: Sequence[LoraRule] | LoraRule | None = None,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+    module_prefix: str = "",
+    fan_in_fan_out: bool = False,
+) -> None:
+    """Write ``trainable`` as a PEFT LoRA adapter that ``PeftModel.from_pretrained`` loads.
+
+    Args:
+        directory: output folder (created); gets ``adapter_config.json`` and
+            ``adapter_model.safetensors``.
+        trainable: the trainable tree from :func:`lora_jax.split`.
+        key_map: maps our leaf paths to torch modules (see the module docstring).
+        rules: the LoraRules used to split; records ``init_lora_weights`` ("gaussian"
+            when every adapting rule uses it, else PEFT's default ``True``).
+        base_model_name_or_path, task_type: copied into the config (e.g. "SEQ_CLS").
+        module_prefix: prepended to every module name, e.g. ``"bert."`` for a
+            ``BertForSequenceClassification`` whose key map names ``BertModel`` modules.
+        fan_in_fan_out: the targets are GPT-2 ``Conv1D`` modules (torch weight ``(in, out)``).
+
+    Raises:
+        ValueError: a leaf has no key map entry, or the factors disagree on
+            ``rslora``/``dropout`` (PEFT has one per adapter).
+    """
+    tensors: dict[str, np.ndarray] = {}
+    ranks, alphas, rslora, dropout, targets, full = {}, {}, {}, {}, [], []
+    for path, t in leaves_with_paths(trainable):
+        if t is None:
+            continue
+        stack = len(t.stack_axes) if isinstance(t, LoraFactors) else None
+        if stack is not None and stack > 1:
+            raise ValueError(
+                f"'{path}' has {stack} stack axes {t.stack_axes}; PEFT export supports one "
+                f"(layers). Reshape the stacked axes into one."
+            )
+        try:
+            tgts, stacked = _targets(key_map, path, t.shape[0] if len(t.shape) else None)
+        except KeyError as e:
+            raise ValueError(f"no key_map entry for '{path}': {e}") from e
+        if stack is not None and stacked != bool(stack):
+            raise ValueError(
+                f"'{path}': factors have stack_axes={t.stack_axes} but the key_map "
+                f"{'stacks' if stacked else 'does not stack'} this leaf; split with "
+                f"stack_axes matching the model's layout."
+            )
+        if not isinstance(t, LoraFactors):
+            w = np.asarray(t)
+            for i, tg in enumerate(tgts):
+                tensors[ROOT + module_prefix + tg.key] = _to_torch(
+                    w[i] if stacked else w, tg.transposed
+                )
+                full.append(module_prefix + tg.module)
+            continue
+        a, b = np.asarray(t.a), np.asarray(t.b)
+        ns = len(t.stack_axes)
+        order = np.argsort(t.in_axes)  # torch flattens the in side in the weight's axis order
+        a = a.transpose(*range(ns), *(ns + order), a.ndim - 1)
+        a = a.reshape(*a.shape[:ns], -1, a.shape[-1])
+        b = b.reshape(*b.shape[: ns + 1], -1)
+        for i, tg in enumerate(tgts):
+            module = module_prefix + tg.module
+            ai, bi = (a[i], b[i]) if stacked else (a, b)
+            emb = tg.layout == "embedding"
+            names = (
+                ("lora_embedding_A", "lora_embedding_B")
+                if emb
+                else ("lora_A.weight", "lora_B.weight")
+            )
+            tensors[f"{ROOT}{module}.{names[0]}"] = np.ascontiguousarray(ai.T)
+            tensors[f"{ROOT}{module}.{names[1]}"] = np.ascontiguousarray(bi.T)
+            targets.append(module)
+            ranks[module], alphas[module] = t.rank, _number(t.alpha)
+            rslora[module], dropout[module] = t.rslora, t.dropout
+    if not targets and not full:
+        raise ValueError("trainable has no factors or trained leaves; nothing to save.")
+    r, rank_pattern = _common(ranks) if ranks else (8, {})
+    alpha, alpha_pattern = _common(alphas) if alphas else (8, {})
+    init = True
+    if rules is not None:
+        rules = [rules] if isinstance(rules, LoraRule) else rules
+        inits = {x.init for x in rules if not x.full}
+        init = "gaussian" if inits == {"gaussian"} else True
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "target_modules": sorted(targets),
+        "modules_to_save": sorted(set(full)) or None,
+        "use_rslora": bool(_one(rslora, "use_rslora")) if rslora else False,
+        "lora_dropout": float(_one(dropout, "lora_dropout")) if dropout else 0.0,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "init_lora_weights": init,
+        "inference_mode": True,
+        "use_dora": False,
+    }
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _pattern_value(pattern: dict, module: str, default: Any) -> Any:
+    """PEFT's rank/alpha pattern lookup: the first key matching the end of the module name."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _read_config(directory: str | os.PathLike) -> dict:
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist; pass a folder written by save_pretrained.")
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type={config.get('peft_type')!r}; only 'LORA' loads.")
+    for name, ok in (("bias", "none"), ("use_dora", False), ("lora_bias", False)):
+        if config.get(name, ok) != ok:
+            raise ValueError(
+                f"{path}: {name}={config[name]!r} is not supported (only {name}={ok!r}); "
+                f"retrain the adapter without it."
+            )
+    return config
+
+
+def _split_point(shape: tuple[int, ...], d_in: int, d_out: int) -> int | None:
+    for k in range(1, len(shape)):
+        if math.prod(shape[:k]) == d_in and math.prod(shape[k:]) == d_out:
+            return k
+    return None
+
+
+def _factors(tensors, consumed, config, module, path, w_shape, stacked_index):
+    """(a, b, alpha) of one torch module from PEFT tensors, or None if it is not adapted."""
+    for a_name, b_name in (
+        ("lora_A.weight", "lora_B.weight"),
+        ("lora_embedding_A", "lora_embedding_B"),
+    ):
+        ka, kb = f"{ROOT}{module}.{a_name}", f"{ROOT}{module}.{b_name}"
+        if ka in tensors:
+            break
+    else:
+        return None
+    if kb not in tensors:
+        raise ValueError(f"adapter has '{ka}' but no '{kb}'; the file is incomplete.")
+    A, B = tensors[ka], tensors[kb]
+    consumed.update((ka, kb))
+    r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    where = f"'{path}'" + ("" if stacked_index is None else f" layer {stacked_index}")
+    if A.ndim != 2 or A.shape[0] != r:
+        raise ValueError(f"'{ka}' has shape {A.shape}; r={r} in {CONFIG_NAME} expects ({r}, in).")
+    d_in = A.shape[1]
+    k = _split_point(w_shape, d_in, B.shape[0]) if B.ndim == 2 else None
+    if B.ndim != 2 or B.shape[1] != r or k is None:
+        raise ValueError(
+            f"'{ka}' {A.shape} and '{kb}' {B.shape} do not fit the base weight {where} of shape "
+            f"{w_shape}: expected ({r}, in) and (out, {r}) with in * out = "
+            f"{math.prod(w_shape)}; load onto the model the adapter was trained for."
+        )
+    a = A.T.reshape(*w_shape[:k], r)
+    b = B.T.reshape(r, *w_shape[k:])
+    return a, b, float(alpha), k
+
+
+def load_pretrained(directory: str | os.PathLike, frozen: Any, *, key_map: KeyMap) -> Any:
+    """Read a PEFT LoRA adapter as a trainable tree for ``frozen``.
+
+    Args:
+        directory: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        frozen: the base parameter tree (or the frozen tree from :func:`lora_jax.split`);
+            leaves that the adapter trains fully (``modules_to_save``) must be ``None``.
+        key_map: maps our leaf paths to torch modules (see the module docstring). If it
+            has ``prefixes`` (e.g. ``"bert."``), keys under those prefixes also load.
+
+    Returns:
+        The trainable tree (structure of ``frozen``): LoraFactors (float arrays of the
+        saved dtype) at adapted leaves, arrays at fully trained ones, ``None`` elsewhere.
+        Stacked leaves whose adapter misses some layers get zero factors there.
+
+    Raises:
+        ValueError: tensors whose shape does not match ``r``/``lora_alpha`` or the base
+            (naming the key, the shape seen and the one expected), tensors no key maps to,
+            unsupported config fields.
+    """
+    config = _read_config(directory)
+    tensors = load_file(os.path.join(directory, WEIGHTS_NAME))
+    consumed: set[str] = set()
+    prefixes = ("", *getattr(key_map, "prefixes", ()))
+    names = {k[len(ROOT) :] for k in tensors}
+    items = leaves_with_paths(frozen)
+    out = []
+    for path, w in items:
+        if w is None:
+            out.append(_full_leaf(tensors, consumed, prefixes, key_map, path, directory))
+            continue
+        shape = tuple(w.shape)
+        try:
+            tgts, stacked = _targets(key_map, path, shape[0] if shape else None)
+        except KeyError:
+            out.append(None)
+            continue
+        prefix = next(
+            (p for p in prefixes if any(n.startswith(p + tgts[0].module + ".") for n in names)), ""
+        )
+        found = [
+            _factors(
+                tensors,
+                consumed,
+                config,
+                prefix + tg.module,
+                path,
+                shape[stacked:],
+                i if stacked else None,
+            )
+            for i, tg in enumerate(tgts)
+            if tg.key == tg.module + ".weight"  # LoRA adapts a module's weight, never its bias
+        ]
+        for tg in tgts:
+            key = f"{ROOT}{prefix}{tg.key}"
+            if key in tensors:
+                raise ValueError(
+                    f"adapter trains '{key}' fully (modules_to_save) but frozen holds a weight at "
+                    f"'{path}'; split with LoraRule({path!r}, full=True) and pass that frozen tree."
+                )
+        out.append(_assemble(found, stacked, shape, config, path))
+    unused = sorted(set(tensors) - consumed)
+    if unused:
+        raise ValueError(
+            f"{len(unused)} tensor(s) in {WEIGHTS_NAME} map to no leaf of frozen, e.g. "
+            f"{unused[:3]}; add their modules to key_map or load onto the matching model."
+        )
+    return jax.tree.unflatten(jax.tree.structure(frozen, is_leaf=is_node), out)
+
+
+def _full_leaf(tensors, consumed, prefixes, key_map, path, directory) -> jax.Array:
+    """A fully trained leaf (``None`` in frozen) from its ``modules_to_save`` tensors."""
+    try:
+        try:
+            tgts, stacked = [key_map.to_hf(path)], False
+        except ValueError:  # stacked: read layers until one is missing
+            tgts, stacked = [], True
+            while any(ROOT + p + key_map.to_hf(path, len(tgts)).key in tensors for p in prefixes):
+                tgts.append(key_map.to_hf(path, len(tgts)))
+    except KeyError as e:
+        raise ValueError(f"frozen has None at '{path}' (trained fully) but {e}") from e
+    keys = []
+    for tg in tgts:
+        found = [ROOT + p + tg.key for p in prefixes if ROOT + p + tg.key in tensors]
+        keys.append(found[0] if found else None)
+    if not keys or None in keys:
+        raise ValueError(
+            f"frozen has None at '{path}' (trained fully) but {directory}/{WEIGHTS_NAME} has "
+            f"no tensor {ROOT}{tgts[0].key if tgts else key_map.to_hf(path, 0).key!r}; pass a "
+            f"frozen tree split with the adapter's modules_to_save as full=True rules."
+        )
+    consumed.update(keys)
+    leaves = [_to_torch(tensors[k], tgts[0].transposed) for k in keys]
+    return jnp.asarray(np.stack(leaves) if stacked else leaves[0])
+
+
+def _assemble(found, stacked, shape, config, path) -> LoraFactors | None:
+    present = [f for f in found if f is not None]
+    if not present:
+        return None
+    if len({(f[0].shape, f[1].shape, f[2], f[3]) for f in present}) > 1:
+        raise ValueError(
+            f"'{path}' stacks {len(found)} layers but the adapter gives them different ranks, "
+            f"alphas or shapes; PEFT adapters with per-layer ranks need an unstacked model."
+        )
+    a0, b0, alpha, k = present[0]
+    if stacked:
+        a = np.stack([np.zeros_like(a0) if f is None else f[0] for f in found])
+        b = np.stack([np.zeros_like(b0) if f is None else f[1] for f in found])
+    else:
+        a, b = a0, b0
+    ns = int(stacked)
+    return LoraFactors(
+        a=jnp.asarray(a),
+        b=jnp.asarray(b),
+        alpha=alpha,
+        stack_axes=tuple(range(ns)),
+        in_axes=tuple(range(ns, ns + k)),
+        out_axes=tuple(range(ns + k, len(shape))),
+        rslora=bool(config.get("use_rslora", False)),
+        dropout=float(config.get("lora_dropout", 0.0)),
+    )
