@@ -142,6 +142,6 @@ def match_rules(paths: Sequence[str], rules: Sequence[LoraRule]) -> list[LoraRul
             f"rule pattern(s) {unused} matched no parameter (patterns use re.fullmatch on "
             f"'/'-joined paths such as {sample}); fix the pattern or drop the rule."
         )
-    if rules and all(c is None for c in chosen):
+    if all(c is None for c in chosen):
         raise ValueError("no parameter is adapted or trained; every leaf would be frozen.")
     return chosen

@@ -1,0 +1,177 @@
+"""Training-step and inference benchmark of the factored engine (ratios, one process, one thread).
+
+Workload (../shared/BENCHMARKS.md): decoder-only LM, 4 layers, d_model 512, 8 heads, MLP 2048,
+vocab 8192, seq 128, batch 4, float32, AdamW; LoRA r = 8 on q, k, v, o, fc1, fc2. Configurations
+are stepped in turn inside one process and the medians compared:
+
+  full         every weight trained
+  floor        every weight frozen, one bias vector after the embedding trained
+  factored     lj.lora_apply (the factored engine)
+  materialized lj.lora_apply(materialize=True) (rebuilds W0 + s*a@b)
+
+Peak memory is measured in a fresh subprocess per configuration (ru_maxrss).
+
+    python experiments/bench_step.py            # full workload, writes RESULTS.md
+    python experiments/bench_step.py --smoke    # tiny, for the tests
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import lora_jax as lj  # noqa: E402
+from lora_jax.models import gpt  # noqa: E402
+
+SMOKE = gpt.Config(vocab=64, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_len=16)
+
+
+def build(cfg: gpt.Config, batch: int, seq: int, rank: int):
+    """Jitted step functions and their initial states, keyed by configuration name."""
+    params = gpt.init(jax.random.key(0), cfg)
+    tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab)
+    rules = [lj.LoraRule(gpt.LORA_TARGETS, rank=rank, alpha=2.0 * rank, stack_axes=(0,))]
+    frozen, trainable = lj.split(params, rules, key=jax.random.key(2))
+    opt = optax.adamw(1e-4)
+
+    def make(loss_fn):
+        def step(train, state):
+            loss, grads = jax.value_and_grad(loss_fn)(train)
+            updates, state = opt.update(grads, state, train)
+            return optax.apply_updates(train, updates), state, loss
+
+        return jax.jit(step, donate_argnums=(0, 1))
+
+    steps = {
+        "full": (make(lambda p: gpt.loss(p, cfg, tokens)), params),
+        "floor": (
+            make(lambda bias: gpt.loss(params, cfg, tokens, bias)),
+            jnp.zeros((cfg.d_model,)),
+        ),
+        "factored": (make(lambda t: lj.lora_apply(gpt.loss)(frozen, t, cfg, tokens)), trainable),
+        "materialized": (
+            make(lambda t: lj.lora_apply(gpt.loss, materialize=True)(frozen, t, cfg, tokens)),
+            trainable,
+        ),
+    }
+    states = {k: (jax.tree.map(jnp.copy, x), opt.init(x)) for k, (_, x) in steps.items()}
+    inputs = tokens[:, :-1]
+    fwd = {
+        "base": (jax.jit(lambda p: gpt.forward(p, cfg, inputs)), (params,)),
+        "merged": (jax.jit(lambda p: gpt.forward(p, cfg, inputs)), (lj.merge(frozen, trainable),)),
+        "unmerged": (
+            jax.jit(lambda f, t: lj.lora_apply(gpt.forward)(f, t, cfg, inputs)),
+            (frozen, trainable),
+        ),
+    }
+    return {k: f for k, (f, _) in steps.items()}, states, fwd
+
+
+def compile_times(steps, states) -> dict[str, float]:
+    out = {}
+    for name, fn in steps.items():
+        t0 = time.perf_counter()
+        fn.lower(*states[name]).compile()
+        out[name] = time.perf_counter() - t0
+    return out
+
+
+def time_steps(steps, states, fwd, repeats: int, warmup: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in list(steps) + list(fwd)}
+    for i in range(warmup + repeats):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            train, state, loss = fn(*states[name])
+            loss.block_until_ready()
+            states[name] = (train, state)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+        for name, (fn, args) in fwd.items():
+            t0 = time.perf_counter()
+            fn(*args).block_until_ready()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def peak_rss(config: str, smoke: bool) -> float:
+    """Peak resident memory (MiB) of a fresh process that compiles and runs 3 steps of one config."""
+    cmd = [sys.executable, __file__, "--only", config] + (["--smoke"] if smoke else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny model and few steps")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--only", help=argparse.SUPPRESS)
+    ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    args = ap.parse_args()
+    cfg, batch, seq = (SMOKE, 2, 8) if args.smoke else (gpt.BENCH, 4, 128)
+    repeats = args.repeats or (3 if args.smoke else 20)
+
+    steps, states, fwd = build(cfg, batch, seq, rank=8 if not args.smoke else 2)
+    if args.only:
+        name = args.only
+        state = states[name]
+        for _ in range(3):
+            train, opt_state, loss = steps[name](*state)
+            state = (train, opt_state)
+        loss.block_until_ready()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"config": name, "peak_mib": peak}))
+        return
+
+    compiled = compile_times(steps, states)
+    times = time_steps(steps, states, fwd, repeats, warmup=2)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    mem = {k: peak_rss(k, args.smoke) for k in ("full", "factored", "materialized", "floor")}
+    n_params = lj.count_params(states["full"][0])
+    n_train = lj.count_params(states["factored"][0])
+    rows = [
+        "| configuration | × floor | × full fine-tuning | compile (s) | peak RSS (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for k in ("full", "floor", "factored", "materialized"):
+        rows.append(
+            f"| {k} | {med[k] / med['floor']:.2f} | {med[k] / med['full']:.2f} "
+            f"| {compiled[k]:.1f} | {mem[k]:.0f} |"
+        )
+    adam_mib = 2 * 4 * (n_params - n_train) / 2**20
+    body = "\n".join(rows) + (
+        f"\n\n{n_params:,} parameters, {n_train:,} trainable (LoRA r = 8 on q, k, v, o, fc1, fc2); "
+        f"median of {repeats} interleaved steps after 2 warm-up rounds, one compute thread.\n\n"
+        f"Factored compile time / materialized: {compiled['factored'] / compiled['materialized']:.2f}.\n"
+        f"Peak RSS full - factored: {mem['full'] - mem['factored']:.0f} MiB "
+        f"(AdamW state that LoRA does not keep: {adam_mib:.0f} MiB).\n\n"
+        "Inference forward (same batch): "
+        f"unmerged (factored) / merged = {med['unmerged'] / med['merged']:.3f}; "
+        f"merged / base = {med['merged'] / med['base']:.3f}.\n"
+    )
+    print(body)
+    if not args.no_write:
+        sys.path.insert(0, os.path.dirname(__file__))
+        from _results import write_section
+
+        cmd = "python experiments/bench_step.py" + (" --smoke" if args.smoke else "")
+        write_section("Training step (experiments/bench_step.py)", cmd, body)
+
+
+if __name__ == "__main__":
+    main()
