@@ -99,7 +99,7 @@ def _one(values: dict[str, Any], name: str) -> Any:
     return distinct[0]
 
 
-def _to_torch(w: np.ndarray, transposed: bool) -> np.ndarray:
+def _transpose_if(w: np.ndarray, transposed: bool) -> np.ndarray:
     return np.ascontiguousarray(w.T if transposed and w.ndim == 2 else w)
 
 
@@ -131,6 +131,19 @@ def save_pretrained(
     Raises:
         ValueError: a leaf has no key map entry, or the factors disagree on
             ``rslora``/``dropout`` (PEFT has one per adapter).
+
+    Example:
+        >>> import os, tempfile, jax, jax.numpy as jnp, lora_jax as lj
+        >>> from lora_jax.models import KeyEntry, KeyMap
+        >>> key_map = KeyMap((KeyEntry("dense/kernel", "dense.weight", "linear"),))
+        >>> frozen, trainable = lj.split({"dense": {"kernel": jnp.ones((8, 4))}},
+        ...                              lj.LoraRule("dense/kernel", rank=2), key=jax.random.key(0))
+        >>> d = tempfile.mkdtemp()
+        >>> lj.peft.save_pretrained(d, trainable, key_map=key_map)
+        >>> sorted(os.listdir(d))
+        ['adapter_config.json', 'adapter_model.safetensors']
+        >>> lj.peft.load_pretrained(d, frozen, key_map=key_map)["dense"]["kernel"].a.shape
+        (8, 2)
     """
     tensors: dict[str, np.ndarray] = {}
     ranks, alphas, rslora, dropout, targets, full = {}, {}, {}, {}, [], []
@@ -156,7 +169,7 @@ def save_pretrained(
         if not isinstance(t, LoraFactors):
             w = np.asarray(t)
             for i, tg in enumerate(tgts):
-                tensors[ROOT + module_prefix + tg.key] = _to_torch(
+                tensors[ROOT + module_prefix + tg.key] = _transpose_if(
                     w[i] if stacked else w, tg.transposed
                 )
                 full.append(module_prefix + tg.module)
@@ -298,6 +311,21 @@ def load_pretrained(directory: str | os.PathLike, frozen: Any, *, key_map: KeyMa
         ValueError: tensors whose shape does not match ``r``/``lora_alpha`` or the base
             (naming the key, the shape seen and the one expected), tensors no key maps to,
             unsupported config fields.
+
+    Example:
+        >>> import json, os, tempfile, numpy as np, jax.numpy as jnp, lora_jax as lj
+        >>> from safetensors.numpy import save_file
+        >>> from lora_jax.models import KeyEntry, KeyMap
+        >>> d = tempfile.mkdtemp()  # an adapter as PEFT writes it: A (r, in), B (out, r)
+        >>> save_file({"base_model.model.fc.lora_A.weight": np.ones((2, 8), np.float32),
+        ...            "base_model.model.fc.lora_B.weight": np.ones((4, 2), np.float32)},
+        ...           os.path.join(d, "adapter_model.safetensors"))
+        >>> with open(os.path.join(d, "adapter_config.json"), "w") as f:
+        ...     json.dump({"peft_type": "LORA", "r": 2, "lora_alpha": 4}, f)
+        >>> key_map = KeyMap((KeyEntry("fc/kernel", "fc.weight", "linear"),))
+        >>> t = lj.peft.load_pretrained(d, {"fc": {"kernel": jnp.zeros((8, 4))}}, key_map=key_map)
+        >>> t["fc"]["kernel"].a.shape, t["fc"]["kernel"].b.shape, t["fc"]["kernel"].scale
+        ((8, 2), (2, 4), 2.0)
     """
     config = _read_config(directory)
     tensors = load_file(os.path.join(directory, WEIGHTS_NAME))
@@ -332,7 +360,8 @@ def load_pretrained(directory: str | os.PathLike, frozen: Any, *, key_map: KeyMa
             for i, tg in enumerate(tgts)
             if tg.key == tg.module + ".weight"  # LoRA adapts a module's weight, never its bias
         ]
-        for tg in tgts:
+        for i, tg in enumerate(tgts):
+            _check_base_copy(tensors, consumed, prefix, tg, w[i] if stacked else w, path)
             key = f"{ROOT}{prefix}{tg.key}"
             if key in tensors:
                 raise ValueError(
@@ -347,6 +376,22 @@ def load_pretrained(directory: str | os.PathLike, frozen: Any, *, key_map: KeyMa
             f"{unused[:3]}; add their modules to key_map or load onto the matching model."
         )
     return jax.tree.unflatten(jax.tree.structure(frozen, is_leaf=is_node), out)
+
+
+def _check_base_copy(tensors, consumed, prefix, tg, w, path) -> None:
+    """PEFT also saves adapted embeddings' base (``<module>.base_layer.weight``): must be ours."""
+    key = f"{ROOT}{prefix}{tg.module}.base_layer.{tg.key.rsplit('.', 1)[1]}"
+    if key not in tensors:
+        return
+    consumed.add(key)
+    if hasattr(w, "dtype") and not np.array_equal(
+        _transpose_if(np.asarray(w), tg.transposed), tensors[key]
+    ):
+        raise ValueError(
+            f"'{key}' {tensors[key].shape} (a copy of the base weight saved by PEFT) differs from "
+            f"frozen '{path}'; the adapter was made for other base weights (e.g. a resized "
+            f"vocabulary): load onto that base."
+        )
 
 
 def _full_leaf(tensors, consumed, prefixes, key_map, path, directory) -> jax.Array:
@@ -365,13 +410,14 @@ def _full_leaf(tensors, consumed, prefixes, key_map, path, directory) -> jax.Arr
         found = [ROOT + p + tg.key for p in prefixes if ROOT + p + tg.key in tensors]
         keys.append(found[0] if found else None)
     if not keys or None in keys:
+        first = (tgts[keys.index(None)] if None in keys else key_map.to_hf(path, 0)).key
         raise ValueError(
             f"frozen has None at '{path}' (trained fully) but {directory}/{WEIGHTS_NAME} has "
-            f"no tensor {ROOT}{tgts[0].key if tgts else key_map.to_hf(path, 0).key!r}; pass a "
-            f"frozen tree split with the adapter's modules_to_save as full=True rules."
+            f"no tensor '{ROOT}{first}'; pass a frozen tree split with the adapter's "
+            f"modules_to_save as full=True rules."
         )
     consumed.update(keys)
-    leaves = [_to_torch(tensors[k], tgts[0].transposed) for k in keys]
+    leaves = [_transpose_if(tensors[k], tgts[0].transposed) for k in keys]
     return jnp.asarray(np.stack(leaves) if stacked else leaves[0])
 
 

@@ -103,7 +103,7 @@ def _peft_adapter(model, tmp, **kwargs):
     ids=["qv", "mixed-rank-rslora-embedding"],
 )
 def test_peft_to_ours_bert(bert_dir, tmp_path, kwargs):
-    model = transformers.BertModel.from_pretrained(bert_dir).eval()
+    model = transformers.BertModel.from_pretrained(bert_dir, add_pooling_layer=False).eval()
     pm = _peft_adapter(model, tmp_path, **kwargs)
     params, _ = bert.load(bert_dir)
     trainable = lj.peft.load_pretrained(tmp_path, params, key_map=bert.PEFT_KEY_MAP)
@@ -186,7 +186,7 @@ def test_ours_to_peft_bert_rslora_mixed_ranks(bert_dir, tmp_path):
     }
     assert cfg["alpha_pattern"] == {"encoder.layer.1.output.dense": 6}
     assert cfg["init_lora_weights"] == "gaussian"
-    model = transformers.BertModel.from_pretrained(bert_dir).eval()
+    model = transformers.BertModel.from_pretrained(bert_dir, add_pooling_layer=False).eval()
     _check_peft_loads_ours(model, tmp_path, _bert_ours(bert_dir, frozen, trainable))
     # And back: our own file loads bit-exactly.
     back = lj.peft.load_pretrained(tmp_path, frozen, key_map=bert.PEFT_KEY_MAP)
@@ -426,7 +426,8 @@ def test_load_onto_other_base_names_key_and_shapes(tmp_path):
     other["l1"]["kernel"] = jnp.zeros((6, 5))
     with pytest.raises(
         ValueError,
-        match=r"'base_model.model.l1.lora_A.weight' \(2, 6\) and .*lora_B.weight' \(4, 2\) do not fit the base weight 'l1/kernel' of shape \(6, 5\)",
+        match=r"'base_model.model.l1.lora_A.weight' \(2, 6\) and .*lora_B.weight' \(4, 2\) "
+        r"do not fit the base weight 'l1/kernel' of shape \(6, 5\)",
     ):
         lj.peft.load_pretrained(tmp_path, other, key_map=TOY_MAP)
 
@@ -438,7 +439,7 @@ def test_load_full_leaf_errors(tmp_path):
         lj.peft.load_pretrained(tmp_path, frozen, key_map=TOY_MAP)
     frozen = _toy_adapter(tmp_path)
     frozen["extra"] = None
-    with pytest.raises(ValueError, match="frozen has None at 'extra' .* no entry for 'extra'"):
+    with pytest.raises(ValueError, match="frozen has None at 'extra' .*no entry for 'extra'"):
         lj.peft.load_pretrained(tmp_path, frozen, key_map=TOY_MAP)
 
 
@@ -495,8 +496,21 @@ def _save(tmp_path, rules, params=None):
             {"other": jnp.ones((4, 4))},
             "no key_map entry for 'other'",
         ),
+        (
+            [lj.LoraRule("stack/bias", full=True)],
+            {"stack": {"bias": jnp.ones(())}, "l0": {"kernel": jnp.ones((4, 4))}},
+            "'stack/bias' is stacked; pass layer=",
+        ),
     ],
-    ids=["rslora-mix", "dropout-mix", "stacked-map", "unstacked-map", "two-stack-axes", "unmapped"],
+    ids=[
+        "rslora-mix",
+        "dropout-mix",
+        "stacked-map",
+        "unstacked-map",
+        "two-stack-axes",
+        "unmapped",
+        "scalar-stacked",
+    ],
 )
 def test_save_errors(tmp_path, rules, params, match):
     with pytest.raises(ValueError, match=match):
@@ -506,3 +520,20 @@ def test_save_errors(tmp_path, rules, params, match):
 def test_save_nothing_raises(tmp_path):
     with pytest.raises(ValueError, match="nothing to save"):
         lj.peft.save_pretrained(tmp_path, {"l0": None}, key_map=TOY_MAP)
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["equal", "modified"])
+def test_base_layer_copy_is_checked(tmp_path, same):
+    """PEFT saves adapted embeddings' base weights (``base_layer.weight``); they must match."""
+    frozen = _toy_adapter(tmp_path)
+    torch_w = np.ascontiguousarray(np.asarray(frozen["l0"]["kernel"]).T) + (0.0 if same else 1.0)
+    _edit_tensors(tmp_path, lambda t: t.update({"base_model.model.l0.base_layer.weight": torch_w}))
+    if same:
+        assert lj.peft.load_pretrained(tmp_path, frozen, key_map=TOY_MAP)["l0"]["kernel"].rank == 2
+    else:
+        with pytest.raises(
+            ValueError,
+            match=r"'base_model.model.l0.base_layer.weight' \(6, 8\) .* differs from frozen "
+            r"'l0/kernel'",
+        ):
+            lj.peft.load_pretrained(tmp_path, frozen, key_map=TOY_MAP)
