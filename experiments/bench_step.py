@@ -41,8 +41,11 @@ from lora_jax.models import gpt  # noqa: E402
 SMOKE = gpt.Config(vocab=64, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_len=16)
 
 
-def build(cfg: gpt.Config, batch: int, seq: int, rank: int):
-    """Jitted step functions and their initial states, keyed by configuration name."""
+def build(cfg: gpt.Config, batch: int, seq: int, rank: int, only: str | None = None):
+    """Jitted steps, their (trainable, optimiser state, frozen) arguments, and forward passes.
+
+    Frozen weights are passed as arguments (not closed over), as a training script does.
+    """
     params = gpt.init(jax.random.key(0), cfg)
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab)
     rules = [lj.LoraRule(gpt.LORA_TARGETS, rank=rank, alpha=2.0 * rank, stack_axes=(0,))]
@@ -50,36 +53,44 @@ def build(cfg: gpt.Config, batch: int, seq: int, rank: int):
     opt = optax.adamw(1e-4)
 
     def make(loss_fn):
-        def step(train, state):
-            loss, grads = jax.value_and_grad(loss_fn)(train)
+        def step(train, state, fixed):
+            loss, grads = jax.value_and_grad(loss_fn)(train, fixed)
             updates, state = opt.update(grads, state, train)
             return optax.apply_updates(train, updates), state, loss
 
         return jax.jit(step, donate_argnums=(0, 1))
 
-    steps = {
-        "full": (make(lambda p: gpt.loss(p, cfg, tokens)), params),
-        "floor": (
-            make(lambda bias: gpt.loss(params, cfg, tokens, bias)),
-            jnp.zeros((cfg.d_model,)),
-        ),
-        "factored": (make(lambda t: lj.lora_apply(gpt.loss)(frozen, t, cfg, tokens)), trainable),
-        "materialized": (
-            make(lambda t: lj.lora_apply(gpt.loss, materialize=True)(frozen, t, cfg, tokens)),
+    configs = {
+        "full": (lambda p, _: gpt.loss(p, cfg, tokens), params, None),
+        "floor": (lambda b, p: gpt.loss(p, cfg, tokens, b), jnp.zeros((cfg.d_model,)), params),
+        "factored": (
+            lambda t, f: lj.lora_apply(gpt.loss)(f, t, cfg, tokens),
             trainable,
+            frozen,
+        ),
+        "materialized": (
+            lambda t, f: lj.lora_apply(gpt.loss, materialize=True)(f, t, cfg, tokens),
+            trainable,
+            frozen,
         ),
     }
-    states = {k: (jax.tree.map(jnp.copy, x), opt.init(x)) for k, (_, x) in steps.items()}
+    if only:
+        configs = {only: configs[only]}
+    steps = {k: make(loss) for k, (loss, _, _) in configs.items()}
+    states = {
+        k: [jax.tree.map(jnp.copy, x), opt.init(x), fixed] for k, (_, x, fixed) in configs.items()
+    }
     inputs = tokens[:, :-1]
+    forward = jax.jit(lambda p: gpt.forward(p, cfg, inputs))
     fwd = {
-        "base": (jax.jit(lambda p: gpt.forward(p, cfg, inputs)), (params,)),
-        "merged": (jax.jit(lambda p: gpt.forward(p, cfg, inputs)), (lj.merge(frozen, trainable),)),
+        "base": (forward, (params,)),
+        "merged": (forward, (lj.merge(frozen, trainable),)),
         "unmerged": (
             jax.jit(lambda f, t: lj.lora_apply(gpt.forward)(f, t, cfg, inputs)),
             (frozen, trainable),
         ),
     }
-    return {k: f for k, (f, _) in steps.items()}, states, fwd
+    return steps, states, fwd
 
 
 def compile_times(steps, states) -> dict[str, float]:
@@ -98,7 +109,7 @@ def time_steps(steps, states, fwd, repeats: int, warmup: int) -> dict[str, list[
             t0 = time.perf_counter()
             train, state, loss = fn(*states[name])
             loss.block_until_ready()
-            states[name] = (train, state)
+            states[name][:2] = [train, state]
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
         for name, (fn, args) in fwd.items():
@@ -126,13 +137,13 @@ def main() -> None:
     cfg, batch, seq = (SMOKE, 2, 8) if args.smoke else (gpt.BENCH, 4, 128)
     repeats = args.repeats or (3 if args.smoke else 20)
 
-    steps, states, fwd = build(cfg, batch, seq, rank=8 if not args.smoke else 2)
+    steps, states, fwd = build(cfg, batch, seq, rank=8 if not args.smoke else 2, only=args.only)
     if args.only:
         name = args.only
         state = states[name]
         for _ in range(3):
             train, opt_state, loss = steps[name](*state)
-            state = (train, opt_state)
+            state[:2] = [train, opt_state]
         loss.block_until_ready()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps({"config": name, "peak_mib": peak}))

@@ -9,8 +9,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _engine
-from ._factors import LoraFactors
+from . import _bank, _engine
+from ._factors import LoraFactors, column_norm
 from ._implicit import Adapted, Deferred
 from ._qarray import QuantizedArray
 from ._tree import check_pair, is_node, leaves_with_paths, merge
@@ -27,13 +27,21 @@ def _implicit(path: str, w: Any, t: Any) -> Any:
         if quantised:
             return Adapted(Deferred(w), None, None, (), (), 1.0, w.shape, w.dtype, path)
         return w
-    ns = len(t.stack_axes)
+    b, col = t.effective_b(), None
+    if t.magnitude is not None:
+        # DoRA: W = m * (W0 + dW) / ||W0 + dW||; the norm is a constant in the backward pass.
+        norm = jax.lax.stop_gradient(column_norm(w.dequantize() if quantised else w, t))
+        col = t.magnitude.astype(norm.dtype) / norm
+        ns = len(t.stack_axes)
+        b = b * col.reshape(col.shape[:ns] + (1,) + col.shape[ns:]).astype(b.dtype)
     return Adapted(
         base=Deferred(w) if quantised else w,
         a=t.a,
-        b=t.b,
+        b=b,
         a_axes=t.stack_axes + t.in_axes + (None,),
-        b_axes=t.stack_axes[:ns] + (None,) + t.out_axes,
+        b_axes=t.stack_axes + (None,) + t.out_axes,
+        col=col,
+        col_axes=t.stack_axes + t.out_axes if col is not None else (),
         scale=t.scale,
         shape=tuple(w.shape),
         dtype=w.dtype,
@@ -64,7 +72,9 @@ def lora_apply(
 
     Returns:
         ``wrapped(frozen, trainable, *args, rng=None, **kwargs)``; ``rng`` enables the
-        rules' LoRA dropout on the adapter branch (deterministic when omitted).
+        rules' LoRA dropout on the adapter branch (deterministic when omitted). With an
+        :class:`AdapterBank` as ``trainable``, ``adapter_ids=`` picks a slot per example
+        (see :func:`lora_jax.stack_adapters`).
 
     Example:
         >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -77,11 +87,15 @@ def lora_apply(
 
     @functools.wraps(fn)
     def wrapped(frozen: Any, trainable: Any, *args: Any, rng: jax.Array | None = None, **kw):
+        if "adapter_ids" in kw or isinstance(trainable, _bank.AdapterBank):
+            ids, axes = kw.pop("adapter_ids", None), kw.pop("adapter_in_axes", None)
+            return _bank.apply_bank(wrapped, frozen, trainable, args, kw, ids, rng, axes)
         check_pair(frozen, trainable)
         call = lambda params, args, kw: fn(*args[:argnum], params, *args[argnum:], **kw)
         if materialize:
             if rng is not None and any(
-                isinstance(t, LoraFactors) and t.dropout > 0 for _, t in leaves_with_paths(trainable)
+                isinstance(t, LoraFactors) and t.dropout > 0
+                for _, t in leaves_with_paths(trainable)
             ):
                 raise ValueError(
                     "LoRA dropout needs the factored engine; use materialize=False or no rng."

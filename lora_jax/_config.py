@@ -54,6 +54,10 @@ class LoraRule:
     param_dtype: Any = jnp.float32
     # Rank-stabilised scale alpha / sqrt(rank) (Kalajdzievski, 2023; PEFT's use_rslora).
     rslora: bool = False
+    # DoRA (Liu et al., 2024): a trainable magnitude per output column (PEFT's use_dora).
+    dora: bool = False
+    # AdaLoRA (Zhang et al., 2023): delta W = P diag(lambda) Q with trainable singular values.
+    adalora: bool = False
 
     def __post_init__(self) -> None:
         self._validate()
@@ -81,6 +85,10 @@ class LoraRule:
                     f"{where}: alpha={self.alpha!r} must be a finite number > 0 "
                     f"(default 2 * rank = {2 * self.rank})."
                 )
+        if self.dora and self.adalora:
+            raise ValueError(f"{where}: dora and adalora cannot be combined; pick one.")
+        if self.full and (self.dora or self.adalora or self.rslora):
+            raise ValueError(f"{where}: full=True trains the leaf fully; drop dora/adalora/rslora.")
         if self.init not in INITS:
             raise ValueError(f"{where}: init={self.init!r} is not one of {INITS}.")
         if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):

@@ -174,15 +174,28 @@ def _dot(eqn: Any, invals: Sequence[Any], ctx: Context) -> list[Any]:
 
     if isinstance(w.base, Deferred):
         # Dequantise inside a checkpoint: the dense layer is recomputed in the backward pass.
-        out = jax.checkpoint(lambda x, q: base_dot(x, Deferred(q, w.base.ops).value()))(
-            x, w.base.q
-        )
+        out = jax.checkpoint(lambda x, q: base_dot(x, Deferred(q, w.base.ops).value()))(x, w.base.q)
     else:
         out = base_dot(x, w.base)
+    if w.col is not None:
+        xs, ws, letters = im._dot_letters(x.ndim, len(w.shape), x_is_lhs, p["dimension_numbers"])
+        if not all(ws[ax] in letters and ws[ax] not in xs for ax in w.col_axes):
+            return _bind(
+                eqn,
+                [x, ctx.fallback(w, "dot_general", "DoRA column contracted")]
+                if x_is_lhs
+                else [ctx.fallback(w, "dot_general", "DoRA column contracted"), x],
+            )
+        out = out * im.broadcast_col(w.col, w.col_axes, ws, letters).astype(out.dtype)
     if not w.has_factors:
         return [out]
     low = im.lowrank_dot(
-        x, w, x_is_lhs, p["dimension_numbers"], p["preferred_element_type"], p["precision"],
+        x,
+        w,
+        x_is_lhs,
+        p["dimension_numbers"],
+        p["preferred_element_type"],
+        p["precision"],
         ctx.next_key(),
     )
     return [out + low.astype(out.dtype)]
@@ -199,6 +212,13 @@ def _conv(eqn: Any, invals: Sequence[Any], ctx: Context) -> list[Any]:
         )
     else:
         out = _bind(eqn, [x, w.base])[0]
+    if w.col is not None:
+        out_feat = eqn.params["dimension_numbers"].rhs_spec[0]
+        if tuple(w.col_axes) != (out_feat,):
+            return _bind(eqn, [x, ctx.fallback(w, "conv_general_dilated", "DoRA column layout")])
+        shape = [1] * out.ndim
+        shape[eqn.params["dimension_numbers"].out_spec[1]] = w.col.shape[0]
+        out = out * w.col.reshape(shape).astype(out.dtype)
     if not w.has_factors:
         return [out]
     try:
@@ -213,7 +233,7 @@ def _pack(vals: Sequence[Any]) -> tuple[list[Any], Any]:
     leaves, specs = [], []
     for v in vals:
         if isinstance(v, Adapted):
-            parts = {"a": v.a, "b": v.b}
+            parts = {name: getattr(v, name) for name in im.PARTS}
             base = v.base.q if isinstance(v.base, Deferred) else v.base
             flat, tree = jax.tree.flatten((base, parts))
             specs.append((v, tree, len(leaves), len(flat)))
@@ -231,7 +251,7 @@ def _pack(vals: Sequence[Any]) -> tuple[list[Any], Any]:
             base, parts = jax.tree.unflatten(tree, new_leaves[i : i + n])
             if isinstance(v.base, Deferred):
                 base = Deferred(base, v.base.ops)
-            out.append(dataclasses.replace(v, base=base, a=parts["a"], b=parts["b"]))
+            out.append(dataclasses.replace(v, base=base, **parts))
         return out
 
     return leaves, rebuild
@@ -254,11 +274,8 @@ def _scan_slice(v: Adapted) -> tuple[list[Any], list[Any], Any]:
         raise Unfactorable("quantised weight viewed before scan")
     xs, consts = [v.base.q if isinstance(v.base, Deferred) else v.base], []
     layout = {}
-    for name in ("a", "b"):
-        arr, m = getattr(v, name), getattr(v, name + "_axes")
-        if arr is None:
-            layout[name] = None
-        elif 0 in m:
+    for name, arr, m in v.parts():
+        if 0 in m:
             xs.append(jnp.moveaxis(arr, m.index(0), 0))
             layout[name] = ("x", tuple(m[: m.index(0)] + m[m.index(0) + 1 :]))
         else:
@@ -271,10 +288,7 @@ def _scan_slice(v: Adapted) -> tuple[list[Any], list[Any], Any]:
         base = Deferred(base) if isinstance(v.base, Deferred) else base
         dec = lambda m: tuple(None if ax is None else ax - 1 for ax in m)
         changes = {}
-        for name in ("a", "b"):
-            if layout[name] is None:
-                continue
-            kind, m = layout[name]
+        for name, (kind, m) in layout.items():
             changes[name] = next(x_it) if kind == "x" else next(c_it)
             changes[name + "_axes"] = dec(m)
         return dataclasses.replace(v, base=base, shape=v.shape[1:], **changes)
@@ -344,7 +358,9 @@ def _while(eqn: Any, invals: Sequence[Any], ctx: Context) -> list[Any]:
         return run_closed(p["cond_jaxpr"], list(cconsts) + list(carry), ctx)[0]
 
     def body(carry):
-        return _dense_all(run_closed(p["body_jaxpr"], list(bconsts) + list(carry), ctx), ctx, "while")
+        return _dense_all(
+            run_closed(p["body_jaxpr"], list(bconsts) + list(carry), ctx), ctx, "while"
+        )
 
     return list(lax.while_loop(cond, body, list(init)))
 

@@ -9,7 +9,8 @@ and a low-rank term separately, so ``W0 + scale * a @ b`` is never formed.
 Each factor records, for each of its axes, which axis of the current view it
 spans (``None`` for the rank axis). A view axis may belong to ``a``, to ``b``
 or to both (stacked-layer axes). The view equals
-``base + scale * einsum(a, b)`` with letters given by those maps.
+``base * col + scale * einsum(a, b)`` with letters given by those maps
+(``col``, DoRA's per-column scale, is already folded into ``b``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class Adapted:
     path: str
     dropout: float = 0.0
     indexed: bool = False  # rows were gathered: materialising is the factored lookup
+    col: jax.Array | None = None  # DoRA column scale m / ||W0 + dW|| over some view axes
+    col_axes: AxisMap = ()
 
     @property
     def has_factors(self) -> bool:
@@ -77,6 +80,16 @@ class Adapted:
 
     def owners(self, axis: int) -> list[str]:
         return [n for n, m in (("a", self.a_axes), ("b", self.b_axes)) if axis in m]
+
+    def parts(self):
+        """(name, array, axis map) of each factor-like array present: a, b and col."""
+        for name in PARTS:
+            arr = getattr(self, name)
+            if arr is not None:
+                yield name, arr, getattr(self, name + "_axes")
+
+
+PARTS = ("a", "b", "col")
 
 
 def _letters(n: int) -> str:
@@ -102,8 +115,21 @@ def delta(v: Adapted) -> jax.Array:
     return jnp.broadcast_to(d, v.shape)
 
 
+def broadcast_col(col: jax.Array, col_axes: AxisMap, letters: str, target: str) -> jax.Array:
+    """``col`` (axes ``col_axes`` of a view lettered ``letters``) laid out along ``target``
+    letters, with size-1 axes for letters it does not span."""
+    spec = [letters[ax] for ax in col_axes]
+    order = sorted(range(len(spec)), key=lambda i: target.index(spec[i]))
+    col = jnp.transpose(col, order)
+    shape = [col.shape[order.index(spec.index(c))] if c in spec else 1 for c in target]
+    return col.reshape(shape)
+
+
 def materialize(v: Adapted) -> jax.Array:
     base = v.base_value()
+    if v.col is not None:
+        view = _letters(len(v.shape))
+        base = base * broadcast_col(v.col, v.col_axes, view, view).astype(base.dtype)
     return base + delta(v).astype(base.dtype) if v.has_factors else base
 
 
@@ -114,17 +140,16 @@ def _renumber(v: Adapted, mapping: dict[int, int | None], **changes) -> Adapted:
     """Move view axes by ``mapping`` (old -> new); factor axes of dropped view axes must be
     squeezed by the caller beforehand."""
     ren = lambda m: tuple(None if ax is None else mapping[ax] for ax in m)
-    return dataclasses.replace(v, a_axes=ren(v.a_axes), b_axes=ren(v.b_axes), **changes)
+    return dataclasses.replace(
+        v, a_axes=ren(v.a_axes), b_axes=ren(v.b_axes), col_axes=ren(v.col_axes), **changes
+    )
 
 
 def _drop_axes(v: Adapted, axes: Sequence[int]) -> Adapted:
     """Remove size-1 view axes from the factors that hold them."""
     axes = set(axes)
     new = {}
-    for name in ("a", "b"):
-        arr, m = getattr(v, name), getattr(v, name + "_axes")
-        if arr is None:
-            continue
+    for name, arr, m in v.parts():
         pos = [i for i, ax in enumerate(m) if ax in axes]
         new[name] = jnp.squeeze(arr, axis=tuple(pos)) if pos else arr
         new[name + "_axes"] = tuple(ax for ax in m if ax not in axes)
@@ -153,10 +178,7 @@ def squeeze(v: Adapted, dims: Sequence[int]) -> Adapted:
 def _sorted_factors(v: Adapted) -> Adapted:
     """Transpose each factor so its view axes run in view order (rank axis last)."""
     changes: dict[str, Any] = {}
-    for name in ("a", "b"):
-        arr, m = getattr(v, name), getattr(v, name + "_axes")
-        if arr is None:
-            continue
+    for name, arr, m in v.parts():
         order = sorted(range(len(m)), key=lambda i: len(m) if m[i] is None else m[i])
         changes[name] = jnp.transpose(arr, order)
         changes[name + "_axes"] = tuple(m[i] for i in order)
@@ -191,10 +213,7 @@ def reshape(v: Adapted, new_shape: Sequence[int]) -> Adapted:
     new_big = [i for i, s in enumerate(new_shape) if s != 1]
     groups = _groups(u.shape, [new_shape[i] for i in new_big])
     changes: dict[str, Any] = {}
-    for name in ("a", "b"):
-        arr, m = getattr(u, name), getattr(u, name + "_axes")
-        if arr is None:
-            continue
+    for name, arr, m in u.parts():
         shape, axes = [], []
         pos = 0
         while pos < len(m):
@@ -232,10 +251,7 @@ def broadcast_in_dim(v: Adapted, shape: Sequence[int], dims: Sequence[int]) -> A
     u = _renumber(v, dict(enumerate(dims)))
     changes: dict[str, Any] = {}
     new_axes = [i for i in range(len(shape)) if i not in dims]
-    for name in ("a", "b"):
-        arr, m = getattr(u, name), getattr(u, name + "_axes")
-        if arr is None:
-            continue
+    for name, arr, m in u.parts():
         target = tuple(arr.shape[i] if ax is None else shape[ax] for i, ax in enumerate(m))
         if name == "a" and new_axes:
             arr = arr.reshape(arr.shape[:-1] + (1,) * len(new_axes) + arr.shape[-1:])
@@ -247,12 +263,7 @@ def broadcast_in_dim(v: Adapted, shape: Sequence[int], dims: Sequence[int]) -> A
 
 
 def _factor_slice(v: Adapted, fn: Callable[[jax.Array, AxisMap], jax.Array]) -> dict[str, Any]:
-    out = {}
-    for name in ("a", "b"):
-        arr = getattr(v, name)
-        if arr is not None:
-            out[name] = fn(arr, getattr(v, name + "_axes"))
-    return out
+    return {name: fn(arr, m) for name, arr, m in v.parts()}
 
 
 def static_slice(v: Adapted, start, limit, strides) -> Adapted:
@@ -287,10 +298,15 @@ def gather(v: Adapted, indices: jax.Array, params: dict) -> Adapted:
         raise Unfactorable("gather with operand batching dims")
     sizes = params["slice_sizes"]
     indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
-    owner_sets = {tuple(v.owners(ax)) for ax in indexed}
-    if len(owner_sets) != 1:
-        raise Unfactorable("gather indexes axes of both factors")
-    holders = next(iter(owner_sets))
+    holders = []
+    for name, _, m in v.parts():
+        held = indexed & set(m)
+        if held and held != indexed:
+            raise Unfactorable("gather indexes axes held by different factors")
+        if held:
+            holders.append(name)
+    if not {"a", "b"} & set(holders):
+        raise Unfactorable("gather indexes no factor axis")
 
     base = v.map_base(lambda w: lax.gather(w, indices, **params))
     out_rank = len(indices.shape) - 1 + len(v.shape) - len(dn.collapsed_slice_dims)
@@ -298,10 +314,7 @@ def gather(v: Adapted, indices: jax.Array, params: dict) -> Adapted:
     kept = [ax for ax in range(len(v.shape)) if ax not in dn.collapsed_slice_dims]
     out_pos = dict(zip(kept, dn.offset_dims))
     changes: dict[str, Any] = {}
-    for name in ("a", "b"):
-        arr, m = getattr(v, name), getattr(v, name + "_axes")
-        if arr is None:
-            continue
+    for name, arr, m in v.parts():
         if name in holders:
             fkept = [i for i, ax in enumerate(m) if ax not in dn.collapsed_slice_dims]
             nb = len(indices.shape) - 1
@@ -441,5 +454,7 @@ def lowrank_conv(x: jax.Array, v: Adapted, params: dict, rng) -> jax.Array:
     feat = dn.out_spec[1]
     t = jnp.moveaxis(t, feat, -1)
     b = v.b if v.b_axes.index(None) == 0 else v.b.T
-    y = contract(t, _letters(t.ndim - 1) + RANK, b.astype(t.dtype), RANK + "Y", _letters(t.ndim - 1) + "Y")
+    y = contract(
+        t, _letters(t.ndim - 1) + RANK, b.astype(t.dtype), RANK + "Y", _letters(t.ndim - 1) + "Y"
+    )
     return jnp.moveaxis(y, -1, feat)

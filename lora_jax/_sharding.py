@@ -16,6 +16,7 @@ the base's spec.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._config import LoraRule, path_str
 from ._factors import LoraFactors
+from ._nf4 import DQ_BLOCK, NF4Array, num_blocks
 from ._qarray import QuantizedArray
 from ._split import split
 from ._tree import is_node, leaves_with_paths
@@ -232,3 +234,75 @@ def split_sharded(
         lambda f, p: None if f is None else p, frozen_shape, params, is_leaf=is_node
     )
     return frozen, trainable
+
+
+def _axis_size(mesh: Mesh, entry: Any) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[n] for n in names if n is not None)
+
+
+def nf4_shardings(q: NF4Array, sharding: NamedSharding) -> NF4Array:
+    """Shardings of an :class:`NF4Array`'s fields that match the dense weight's ``sharding``.
+
+    NF4 stores each matrix flattened row-major, so a shard of the dense weight along its
+    first inner axis (``rows / m`` whole rows) is one contiguous run of ``packed`` codes and
+    of ``absmax`` blocks. Stack (batch) axes keep their entries; ``absmax2`` (one scale per
+    256 blocks) is sharded when each shard holds whole groups, else replicated (it is
+    ``1 / 16384`` of the weight).
+
+    Args:
+        q: the quantised weight ``(*batch, *inner_shape)`` (abstract is fine).
+        sharding: NamedSharding of the dense weight; only the first inner axis and the
+            batch axes may be sharded.
+
+    Returns:
+        ``q`` with a NamedSharding in every array field (for ``jax.device_put`` / ``jit``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lora_jax as lj
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> mesh = jax.make_mesh((1,), ("fsdp",))
+        >>> q = lj.quantize_nf4(jnp.ones((128, 64)))
+        >>> s = lj.nf4_shardings(q, NamedSharding(mesh, P("fsdp", None)))
+        >>> s.packed.spec, s.qabsmax.spec
+        (P('fsdp',), P('fsdp',))
+    """
+    mesh = sharding.mesh
+    nbatch = len(q.shape) - len(q.inner_shape)
+    path = f"NF4Array{tuple(q.shape)}"
+    entries = _full_spec(sharding.spec, len(q.shape), path)
+    batch, inner = entries[:nbatch], entries[nbatch:]
+    if any(e is not None for e in inner[1:]):
+        raise ValueError(
+            f"{path}: spec {sharding.spec} shards an inner axis other than the first, but NF4 "
+            f"packs each matrix row-major so only whole rows form contiguous blocks; shard "
+            f"axis {nbatch} instead (transpose the weight before quantising) or replicate."
+        )
+    n = math.prod(q.inner_shape)
+    m = _axis_size(mesh, inner[0]) if inner else 1
+    nb = num_blocks(n, q.block_size)
+    if inner and inner[0] is not None and (n % m or (n // m) % (2 * q.block_size)):
+        raise ValueError(
+            f"{path}: {m} shards of {n} elements per matrix do not each hold whole pairs of "
+            f"blocks (2 x block_size={q.block_size}; codes are packed two per byte); use a "
+            f"shard count m with {n} / m a multiple of {2 * q.block_size}, or replicate."
+        )
+    flat = inner[0] if inner else None
+    dq_flat = flat if flat is not None and (nb // m) % DQ_BLOCK == 0 else None
+
+    def wrap(*spec: Any) -> NamedSharding:
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    def field(x: Any, spec: NamedSharding) -> Any:
+        return None if x is None else spec
+
+    return NF4Array(
+        packed=wrap(*batch, flat),
+        absmax=field(q.absmax, wrap(*batch, flat)),
+        qabsmax=field(q.qabsmax, wrap(*batch, flat)),
+        absmax2=field(q.absmax2, wrap(*batch, dq_flat)),
+        offset=field(q.offset, wrap(*batch)),
+        inner_shape=q.inner_shape,
+        dtype=q.dtype,
+        block_size=q.block_size,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from collections.abc import Callable, Sequence
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._config import LoraRule, match_rules
-from ._factors import LoraFactors
+from ._factors import LoraFactors, column_norm
 from ._qarray import QuantizedArray
 from ._tree import leaves_with_paths
 
@@ -87,21 +88,34 @@ def make_factors(w: Any, rule: LoraRule, axes: Axes, key: jax.Array, path: str) 
     a_shape = s_shape + tuple(shape[i] for i in ins) + (r,)
     b_shape = s_shape + (r,) + tuple(shape[i] for i in outs)
     dtype = rule.param_dtype
-    if rule.init == "gaussian":
+    b = jnp.zeros(b_shape, dtype)
+    singular = None
+    if rule.adalora:  # PEFT's AdaLoRA init: P, Q ~ N(0, 0.02^2), lambda = 0
+        ka, kb = jax.random.split(key)
+        a = 0.02 * jax.random.normal(ka, a_shape, dtype)
+        b = 0.02 * jax.random.normal(kb, b_shape, dtype)
+        singular = jnp.zeros(s_shape + (r,), dtype)
+    elif rule.init == "gaussian":
         a = jax.random.normal(key, a_shape, dtype) / r
     else:  # kaiming-uniform with a=sqrt(5), fan_in = d_in: bound 1/sqrt(d_in)
         bound = 1.0 / math.sqrt(d_in)
         a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
-    return LoraFactors(
+    factors = LoraFactors(
         a=a,
-        b=jnp.zeros(b_shape, dtype),
+        b=b,
         alpha=rule.resolved_alpha,
         stack_axes=stack,
         in_axes=ins,
         out_axes=outs,
         rslora=rule.rslora,
         dropout=float(rule.dropout),
+        singular=singular,
     )
+    if rule.dora:  # magnitude starts at ||W0|| per column, so W starts at W0
+        dense = w.dequantize() if isinstance(w, QuantizedArray) else w
+        magnitude = column_norm(dense, factors).astype(dtype)
+        factors = dataclasses.replace(factors, magnitude=magnitude)
+    return factors
 
 
 def split(
@@ -178,6 +192,4 @@ def split(
             frozen_leaves.append(w)
             trainable_leaves.append(make_factors(w, rule, axes, _leaf_key(key, path), path))
     treedef = jax.tree.structure(params, is_leaf=lambda x: isinstance(x, QuantizedArray))
-    return jax.tree.unflatten(treedef, frozen_leaves), jax.tree.unflatten(
-        treedef, trainable_leaves
-    )
+    return jax.tree.unflatten(treedef, frozen_leaves), jax.tree.unflatten(treedef, trainable_leaves)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._config import path_str
-from ._factors import LoraFactors, lora_delta, wide_dtype
+from ._factors import LoraFactors, column_norm, dora_weight, expand_columns, lora_delta, wide_dtype
 from ._qarray import QuantizedArray
 
 
@@ -92,6 +92,8 @@ def merge(frozen: Any, trainable: Any) -> Any:
     def leaf(w, t):
         if isinstance(t, LoraFactors):
             dense = _dense(w)
+            if t.magnitude is not None:
+                return dora_weight(dense, t)
             wide = wide_dtype(dense.dtype, t.a.dtype)
             return (dense.astype(wide) + lora_delta(t, wide)).astype(dense.dtype)
         return t if w is None else w
@@ -99,13 +101,29 @@ def merge(frozen: Any, trainable: Any) -> Any:
     return map_pair(leaf, frozen, trainable)
 
 
-def unmerge(merged: Any, trainable: Any) -> Any:
+def dora_norms(frozen: Any, trainable: Any) -> Any:
+    """Per-column norms ``||W0 + dW||`` of every DoRA leaf (None elsewhere), for :func:`unmerge`."""
+
+    def leaf(w, t):
+        if isinstance(t, LoraFactors) and t.magnitude is not None:
+            return column_norm(_dense(w), t)
+        return None
+
+    return map_pair(leaf, frozen, trainable)
+
+
+def unmerge(merged: Any, trainable: Any, *, dora_norms: Any = None) -> Any:
     """Inverse of :func:`merge`: subtract each update and drop the fully trained leaves.
 
     Exact up to rounding in the base dtype (float32: ~1 ulp of ``|W0| + |delta|``).
+    DoRA leaves also need the column norms that merging divided out:
+    ``dora_norms=lj.dora_norms(frozen, trainable)``, computed before merging.
     """
+    norms = {}
+    if dora_norms is not None:
+        norms = {p: n for p, n in leaves_with_paths(dora_norms) if n is not None}
 
-    def leaf(w, t):
+    def leaf(path, w, t):
         if isinstance(t, LoraFactors):
             if tuple(w.shape) != t.shape:
                 raise ValueError(
@@ -113,7 +131,16 @@ def unmerge(merged: Any, trainable: Any) -> Any:
                     f"adapting shape {t.shape}."
                 )
             wide = wide_dtype(w.dtype, t.a.dtype)
-            return (w.astype(wide) - lora_delta(t, wide)).astype(w.dtype)
+            full = w.astype(wide)
+            if t.magnitude is not None:
+                if path not in norms:
+                    raise ValueError(
+                        f"'{path}' is a DoRA leaf: unmerging needs the column norms that merging "
+                        f"divided out; pass dora_norms=lj.dora_norms(frozen, trainable)."
+                    )
+                scale = expand_columns(norms[path].astype(wide) / t.magnitude.astype(wide), t)
+                full = full * scale
+            return (full - lora_delta(t, wide)).astype(w.dtype)
         return None if t is not None else w
 
     paths = [p for p, _ in leaves_with_paths(trainable)]
@@ -123,7 +150,10 @@ def unmerge(merged: Any, trainable: Any) -> Any:
             f"merged tree has {len(m_paths)} leaves but trainable has {len(paths)}; "
             f"pass the tree returned by lj.merge."
         )
-    return map_pair(leaf, merged, trainable)
+    flat_m, treedef = jax.tree_util.tree_flatten_with_path(merged, is_leaf=is_node)
+    flat_t = treedef.flatten_up_to(trainable)
+    out = [leaf(path_str(p), w, t) for (p, w), t in zip(flat_m, flat_t)]
+    return jax.tree.unflatten(treedef, out)
 
 
 def combine(frozen: Any, trainable: Any) -> Any:
