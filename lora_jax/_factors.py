@@ -14,7 +14,8 @@ delta W = scale * a @ b, contracted over r, with scale = alpha / r
 ``(*stack, r)`` scales the rank directions (AdaLoRA's P diag(lambda) Q:
 delta W = scale * a @ (singular * b)), and ``magnitude`` ``(*stack, *out_axes)``
 makes it DoRA: W = magnitude * (W0 + delta W) / ||W0 + delta W||, the norm taken
-over the input axes for each output column and held constant in the backward pass. ``in_axes`` are the weight's axes that the
+over the input axes for each output column and held constant in the backward pass.
+``in_axes`` are the weight's axes that the
 function contracts with its input (for a Flax kernel ``(in, out)``: axis 0; for
 an embedding table ``(vocab, dim)``: the vocab axis); ``out_axes`` are the
 rest. ``stack_axes`` index stacked layers and appear in both factors.
@@ -160,7 +161,7 @@ def column_norm(w: jax.Array, factors: LoraFactors) -> jax.Array:
 
 
 def dora_weight(w: jax.Array, factors: LoraFactors) -> jax.Array:
-    """Dense DoRA weight ``magnitude * (W0 + dW) / ||W0 + dW||`` in ``w``'s dtype (reference/merge)."""
+    """Dense DoRA weight ``magnitude * (W0 + dW) / ||W0 + dW||`` in ``w``'s dtype (for merge)."""
     compute = wide_dtype(w.dtype, factors.a.dtype)
     full = w.astype(compute) + lora_delta(factors, compute)
     norm = jax.lax.stop_gradient(
@@ -172,7 +173,7 @@ def dora_weight(w: jax.Array, factors: LoraFactors) -> jax.Array:
 
 
 def expand_columns(col: jax.Array, factors: LoraFactors) -> jax.Array:
-    """A per-column array ``(*stack, *out_axes)`` with size-1 input axes inserted (weight layout)."""
+    """A per-column array ``(*stack, *out_axes)`` with size-1 input axes inserted."""
     for ax in sorted(factors.in_axes):
         col = jnp.expand_dims(col, ax)
     return col
