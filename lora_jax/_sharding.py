@@ -16,6 +16,7 @@ the base's spec.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +50,8 @@ def _spec_of(x: Any, path: str) -> tuple[PartitionSpec, Mesh | None]:
     sharding = getattr(x, "sharding", None)
     if isinstance(sharding, NamedSharding):
         return sharding.spec, sharding.mesh
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return PartitionSpec(), None  # an unplaced leaf: replicate it like its base
     raise TypeError(
         f"'{path}': expected a PartitionSpec, a NamedSharding or an array with a "
         f"NamedSharding, got {type(x).__name__} (sharding {sharding!r}); place the "
@@ -167,7 +170,17 @@ def factor_shardings(
             a_spec, b_spec = how(path, PartitionSpec(*entries), t)
         else:
             a_spec, b_spec = _derive(entries, t, how)
-        out.append(t.with_factors(wrap(a_spec, own), wrap(b_spec, own)))
+        stack = tuple(entries[i] for i in t.stack_axes)
+        col_spec = PartitionSpec(*stack, *(entries[i] for i in t.out_axes))
+        out.append(
+            dataclasses.replace(
+                t,
+                a=wrap(a_spec, own),
+                b=wrap(b_spec, own),
+                magnitude=None if t.magnitude is None else wrap(col_spec, own),
+                singular=None if t.singular is None else wrap(PartitionSpec(*stack, None), own),
+            )
+        )
     unused = [regex.pattern for (regex, _), u in zip(compiled, used) if not u]
     if unused:
         raise ValueError(

@@ -68,6 +68,11 @@ def resolve_axes(path: str, shape: tuple[int, ...], rule: LoraRule, inferred: Ax
     return stack, ins, outs
 
 
+def _is_sharded(w: Any) -> bool:
+    sharding = getattr(w, "sharding", None) if isinstance(w, jax.Array) else None
+    return isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1
+
+
 def _leaf_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
@@ -142,7 +147,9 @@ def split(
     Returns:
         ``(frozen, trainable)``, both with the structure of ``params``: ``frozen`` has
         ``None`` at fully trained leaves; ``trainable`` has :class:`LoraFactors` at
-        adapted leaves, the array at fully trained ones, ``None`` elsewhere.
+        adapted leaves, the array at fully trained ones, ``None`` elsewhere. When the
+        parameters are sharded over several devices, each factor is created directly
+        with the sharding derived from its base (:func:`lora_jax.factor_shardings`).
 
     Example:
         >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -157,6 +164,21 @@ def split(
     items = leaves_with_paths(params)
     if not items:
         raise ValueError("params is an empty tree; nothing to adapt.")
+    sharded = [w.sharding for _, w in items if _is_sharded(w)]
+    if sharded:
+        # Factors are born with shardings derived from their base: no gather to one device.
+        from ._sharding import split_sharded
+
+        return split_sharded(
+            params,
+            rules,
+            key=key,
+            mesh=sharded[0].mesh,
+            apply_fn=apply_fn,
+            args=args,
+            kwargs=kwargs,
+            argnum=argnum,
+        )
     paths = [p for p, _ in items]
     chosen = match_rules(paths, rules)
     for (path, w), rule in zip(items, chosen):

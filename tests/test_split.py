@@ -286,3 +286,23 @@ def test_readme_paths_are_slash_joined():
     paths = [p for p, _ in lj._tree.leaves_with_paths(frozen)]
     assert "params/encoder/layer_0/query/kernel" in paths
     assert all(re.fullmatch(r"[\w/]+", p) for p in paths)
+
+
+@pytest.mark.parametrize("variant", [{}, {"dora": True}, {"adalora": True}], ids=["lora", "dora", "adalora"])
+def test_split_on_sharded_params_creates_sharded_factors(variant):
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("fsdp", "model"), axis_types=(AxisType.Auto,) * 2)
+    w = jax.device_put(jax.random.normal(jax.random.key(0), (16, 8)), NamedSharding(mesh, P("fsdp", "model")))
+    params = {"w": w, "unplaced": jnp.ones((4, 4))}
+    frozen, trainable = lj.split(params, [lj.LoraRule("w|unplaced", rank=2, **variant)], key=jax.random.key(1))
+    assert frozen["w"] is w
+    assert trainable["w"].a.sharding.spec == P("fsdp", None)
+    assert trainable["w"].b.sharding.spec == P(None, "model")
+    if variant.get("dora"):
+        assert trainable["w"].magnitude.sharding.spec == P("model")
+    _, ref = lj.split(jax.tree.map(np.asarray, params), [lj.LoraRule("w|unplaced", rank=2, **variant)], key=jax.random.key(1))
+    # Same random values as an unsharded split (jit may fuse the init scale: 1 ulp).
+    np.testing.assert_allclose(trainable["w"].a, ref["w"].a, rtol=1e-6)
+    np.testing.assert_allclose(trainable["unplaced"].a, ref["unplaced"].a, rtol=1e-6)
