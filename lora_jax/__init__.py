@@ -3,17 +3,34 @@
 from . import checkpoint as checkpoint
 from . import peft as peft
 from ._apply import lora_apply as lora_apply
+from ._bank import AdapterBank as AdapterBank
+from ._bank import AdapterSet as AdapterSet
+from ._bank import stack_adapters as stack_adapters
+from ._combine import combine_adapters as combine_adapters
 from ._config import LoraRule as LoraRule
+from ._engine import LoraFactoringError as LoraFactoringError
+from ._engine import LoraMaterializeWarning as LoraMaterializeWarning
 from ._factors import LoraFactors as LoraFactors
 from ._factors import lora_delta as lora_delta
+from ._int4 import Int4Array as Int4Array
+from ._int4 import dequantize_int4 as dequantize_int4
+from ._int4 import quantize_int4 as quantize_int4
+from ._nf4 import NF4Array as NF4Array
+from ._nf4 import dequantize_nf4 as dequantize_nf4
+from ._nf4 import quantize_nf4 as quantize_nf4
 from ._qarray import QuantizedArray as QuantizedArray
+from ._quantize import MemoryReport as MemoryReport
+from ._quantize import memory_report as memory_report
+from ._quantize import quantize as quantize
 from ._sharding import factor_shardings as factor_shardings
+from ._sharding import nf4_shardings as nf4_shardings
 from ._sharding import split_sharded as split_sharded
 from ._split import split as split
 from ._summary import LoraSummary as LoraSummary
 from ._summary import summary as summary
 from ._tree import combine as combine
 from ._tree import count_params as count_params
+from ._tree import dora_norms as dora_norms
 from ._tree import merge as merge
 from ._tree import unmerge as unmerge
 from .checkpoint import load_adapters as load_adapters
@@ -24,20 +41,37 @@ __version__ = "0.1.0"
 __all__ = [
     "checkpoint",
     "peft",
+    "AdapterBank",
+    "AdapterSet",
+    "Int4Array",
+    "LoraFactoringError",
     "LoraFactors",
+    "LoraMaterializeWarning",
     "LoraRule",
     "LoraSummary",
+    "MemoryReport",
+    "NF4Array",
     "QuantizedArray",
     "combine",
+    "combine_adapters",
     "count_params",
+    "dora_norms",
+    "dequantize_int4",
+    "dequantize_nf4",
     "factor_shardings",
     "lora_apply",
     "load_adapters",
     "lora_delta",
+    "nf4_shardings",
+    "memory_report",
     "merge",
+    "quantize",
+    "quantize_int4",
+    "quantize_nf4",
     "save_adapters",
     "split",
     "split_sharded",
+    "stack_adapters",
     "summary",
     "unmerge",
 ]

@@ -142,7 +142,9 @@ def infer_axes(
     items = leaves_with_paths(params)
     treedef = jax.tree.structure(params, is_leaf=is_node)
     abstract = [None if w is None else jax.ShapeDtypeStruct(w.shape, w.dtype) for _, w in items]
-    call = lambda leaves, a, k: fn(*a[:argnum], jax.tree.unflatten(treedef, leaves), *a[argnum:], **k)
+    call = lambda leaves, a, k: fn(
+        *a[:argnum], jax.tree.unflatten(treedef, leaves), *a[argnum:], **k
+    )
     closed = jax.make_jaxpr(call)(abstract, tuple(args), kwargs)
     wanted = set(paths)
     probes = [

@@ -64,7 +64,8 @@ _NF4_MIDS = ((NF4_CODE[:-1] + NF4_CODE[1:]) / np.float32(2)).astype(np.float32)
 ZERO_CODE = 7  # NF4_CODE[7] == 0.0: all-zero blocks and the pad nibble
 DQ_BLOCK = 256  # blocks of absmax values per second-level scale (fixed by bitsandbytes)
 _TINY = np.finfo(np.float32).tiny  # XLA flushes subnormals: guard divisions with this
-_BNB_MIN_ABSMAX = np.float32(1e-38)  # bitsandbytes' clamp of a partial block's absmax
+# bitsandbytes clamps a partial last block's absmax to 1e-38 (a subnormal), kept as bits.
+_BNB_MIN_ABSMAX_BITS = np.float32(1e-38).view(np.uint32)
 
 
 def _linspace_f32(n: int) -> np.ndarray:
@@ -125,7 +126,9 @@ def check_quantize_args(x: Any, block_size: int, stack_axes: int, fn: str) -> tu
     """Validate a quantiser's input; returns the inner (per-matrix) shape."""
     shape = tuple(x.shape)
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{fn}: x has dtype {x.dtype}; only floating-point arrays can be quantised.")
+        raise TypeError(
+            f"{fn}: x has dtype {x.dtype}; only floating-point arrays can be quantised."
+        )
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"{fn}: block_size={block_size!r} must be a positive int (e.g. 64).")
     if isinstance(stack_axes, bool) or not isinstance(stack_axes, int):
@@ -140,6 +143,37 @@ def check_quantize_args(x: Any, block_size: int, stack_axes: int, fn: str) -> tu
     return shape[stack_axes:]
 
 
+def true_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den`` correctly rounded, with ``den`` broadcast to ``num``'s shape.
+
+    XLA rewrites division by a constant or broadcast divisor into multiplication by its
+    rounded reciprocal, which can differ in the last bit; a divisor computed from the data
+    (``den + 0 * num``, which IEEE rules forbid simplifying) stays a division.
+    """
+    return num / (den + 0.0 * num)
+
+
+def pairwise_sum(x: jax.Array) -> jax.Array:
+    """Sum over the last axis in a fixed pairwise order (zero padded to a power of two).
+
+    Elementwise adds only, so the result does not depend on batch axes, fusion or backend,
+    unlike ``jnp.sum`` whose reduction order does: stacked and per-layer quantisation agree.
+    """
+    n = x.shape[-1]
+    width = 1 << max(0, (n - 1).bit_length())
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - n)])
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x[..., 0]
+
+
+def _no_fma(product: jax.Array) -> jax.Array:
+    """``product``, rounded on its own: a select between a multiply and an add stops XLA
+    (CPU and GPU) from contracting them into one fused multiply-add. Optimisation barriers
+    and no-op ``reduce_precision`` are removed before fusion and do not work."""
+    return jnp.where(product == product, product, jnp.float32(jnp.nan))
+
+
 @functools.partial(jax.jit, static_argnames=("block_size",))
 def nf4_encode(flat: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
     """``(*batch, n)`` float32 -> packed ``(*batch, ceil(n/2))`` uint8, absmax ``(*batch, nb)``."""
@@ -150,9 +184,14 @@ def nf4_encode(flat: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
     # Full blocks multiply by the reciprocal; a partial last block divides (as bitsandbytes).
     scaled = blocks * (1.0 / den)[..., None]
     if n % block_size:
-        scaled = scaled.at[..., -1, :].set(blocks[..., -1, :] / den[..., -1:])
-        last = absmax[..., -1]
-        absmax = absmax.at[..., -1].set(jnp.where(last == 0, _BNB_MIN_ABSMAX, last))
+        last = blocks[..., -1, :]
+        scaled = scaled.at[..., -1, :].set(true_divide(last, den[..., -1:]))
+        # Stored as bitsandbytes does (clamped to 1e-38), selected as integers: XLA flushes
+        # subnormal floats to zero, even a selected constant.
+        as_int = jax.lax.bitcast_convert_type(absmax, jnp.uint32)
+        bits = as_int[..., -1]
+        as_int = as_int.at[..., -1].set(jnp.where(bits == 0, _BNB_MIN_ABSMAX_BITS, bits))
+        absmax = jax.lax.bitcast_convert_type(as_int, jnp.float32)
     scaled = jnp.clip(scaled, -1.0, 1.0)
     codes = jnp.zeros(scaled.shape, jnp.uint8)
     for mid in _NF4_MIDS:  # number of midpoints strictly below the value
@@ -169,11 +208,13 @@ def nf4_encode(flat: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
 
 @jax.jit
 def double_quantize(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """absmax ``(*batch, nb)`` -> qabsmax ``(*batch, nb)`` uint8, absmax2 ``(*batch, nb2)``, offset."""
-    # A true division, as torch's mean: XLA would turn division by a constant count into
-    # multiplication by its rounded reciprocal, so the count goes through a barrier.
-    count = jax.lax.optimization_barrier(jnp.float32(absmax.shape[-1]))
-    offset = jnp.sum(absmax, axis=-1) / count
+    """absmax ``(*batch, nb)`` -> qabsmax ``(*batch, nb)`` uint8, absmax2 ``(*batch, nb2)``, offset.
+
+    As bitsandbytes' CPU kernel: ``v = (absmax - offset) / absmax2`` (reciprocal multiply)
+    indexes a 65536-bin table, ``trunc((v + 1) / 2 * 65535 + 0.5)``, not the exact nearest
+    code; an all-zero block gets code 0.
+    """
+    offset = true_divide(pairwise_sum(absmax), jnp.float32(absmax.shape[-1]))  # torch's mean
     centred = absmax - offset[..., None]
     blocks = to_blocks(centred, DQ_BLOCK)
     absmax2 = jnp.max(jnp.abs(blocks), axis=-1)
@@ -187,11 +228,10 @@ def double_quantize(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]
 
 
 def dequantize_absmax(qabsmax: jax.Array, absmax2: jax.Array, offset: jax.Array) -> jax.Array:
-    """``float32(float32(map[q] * absmax2) + offset)``: two roundings, never a fused multiply-add."""
+    """``float32(float32(map[q] * absmax2) + offset)``: two roundings, never an FMA."""
     nb = qabsmax.shape[-1]
     values = to_blocks(jnp.asarray(dynamic_map())[qabsmax], DQ_BLOCK)
-    scaled = values * absmax2[..., None]
-    scaled = jax.lax.optimization_barrier(scaled)  # keeps XLA from fusing into an FMA
+    scaled = _no_fma(values * absmax2[..., None])
     out = scaled + offset[..., None, None]
     return out.reshape(*qabsmax.shape[:-1], -1)[..., :nb]
 
@@ -265,13 +305,13 @@ class NF4Array(QuantizedArray):
         if self.dtype is not None:
             object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         fields = (self.packed, self.absmax, self.qabsmax, self.absmax2, self.offset)
-        if all(f is None or is_arraylike(f) for f in fields) and is_arraylike(self.packed):
+        if is_arraylike(self.packed) and all(f is None or is_arraylike(f) for f in fields):
             self._validate()
 
     def _validate(self) -> None:
         cls = "NF4Array"
         check_static(cls, self.inner_shape, self.dtype, self.block_size)
-        if self.packed.ndim < 1:
+        if len(self.packed.shape) < 1:
             raise ValueError(f"{cls}: packed must have at least 1 dim, got shape ().")
         batch = tuple(self.packed.shape[:-1])
         n = math.prod(self.inner_shape)
@@ -334,8 +374,9 @@ def quantize_nf4(
         >>> q = lj.quantize_nf4(w)
         >>> q.shape, q.dtype, q.packed.shape, q.qabsmax.shape
         ((128, 64), dtype(bfloat16), (4096,), (128,))
-        >>> err = jnp.abs(lj.dequantize_nf4(q, jnp.float32) - w.astype(jnp.float32))
-        >>> bool(err.max() < 0.2 * jnp.abs(w).max())
+        >>> w32 = w.astype(jnp.float32)
+        >>> err = jnp.abs(lj.dequantize_nf4(q, jnp.float32) - w32)
+        >>> bool(err.max() < 0.2 * jnp.abs(w32).max())
         True
     """
     inner = check_quantize_args(x, block_size, stack_axes, "quantize_nf4")

@@ -93,7 +93,9 @@ def summary(frozen: Any, trainable: Any) -> LoraSummary:
         elif t is not None:
             n = int(np.prod(t.shape))
             rows.append(SummaryRow(path, "full", tuple(t.shape), None, None, n, n))
-    frozen_params = sum(int(np.prod(w.shape)) for _, w in leaves_with_paths(frozen) if w is not None)
+    frozen_params = sum(
+        int(np.prod(w.shape)) for _, w in leaves_with_paths(frozen) if w is not None
+    )
     return LoraSummary(
         rows=tuple(rows),
         trainable_params=sum(r.trainable for r in rows),
