@@ -8,6 +8,8 @@ are stepped in turn inside one process and the medians compared:
   floor        every weight frozen, one bias vector after the embedding trained
   factored     lj.lora_apply (the factored engine)
   materialized lj.lora_apply(materialize=True) (rebuilds W0 + s*a@b)
+  lora_bf16    factored, bf16 base (float32 factors)
+  qlora        factored, NF4 base (double-quantised, dequantised per layer at its use)
 
 Peak memory is measured in a fresh subprocess per configuration (ru_maxrss).
 
@@ -72,6 +74,16 @@ def build(cfg: gpt.Config, batch: int, seq: int, rank: int, only: str | None = N
             lambda t, f: lj.lora_apply(gpt.loss, materialize=True)(f, t, cfg, tokens),
             trainable,
             frozen,
+        ),
+        "lora_bf16": (
+            lambda t, f: lj.lora_apply(gpt.loss)(f, t, cfg, tokens),
+            trainable,
+            jax.tree.map(lambda w: w.astype(jnp.bfloat16), frozen),
+        ),
+        "qlora": (
+            lambda t, f: lj.lora_apply(gpt.loss)(f, t, cfg, tokens),
+            trainable,
+            lj.quantize(frozen, rules),
         ),
     }
     if only:
@@ -152,14 +164,14 @@ def main() -> None:
     compiled = compile_times(steps, states)
     times = time_steps(steps, states, fwd, repeats, warmup=2)
     med = {k: statistics.median(v) for k, v in times.items()}
-    mem = {k: peak_rss(k, args.smoke) for k in ("full", "factored", "materialized", "floor")}
+    mem = {k: peak_rss(k, args.smoke) for k in steps}
     n_params = lj.count_params(states["full"][0])
     n_train = lj.count_params(states["factored"][0])
     rows = [
         "| configuration | × floor | × full fine-tuning | compile (s) | peak RSS (MiB) |",
         "|---|---|---|---|---|",
     ]
-    for k in ("full", "floor", "factored", "materialized"):
+    for k in steps:
         rows.append(
             f"| {k} | {med[k] / med['floor']:.2f} | {med[k] / med['full']:.2f} "
             f"| {compiled[k]:.1f} | {mem[k]:.0f} |"
@@ -171,6 +183,8 @@ def main() -> None:
         f"Factored compile time / materialized: {compiled['factored'] / compiled['materialized']:.2f}.\n"
         f"Peak RSS full - factored: {mem['full'] - mem['factored']:.0f} MiB "
         f"(AdamW state that LoRA does not keep: {adam_mib:.0f} MiB).\n\n"
+        f"QLoRA step / f32-base LoRA step: {med['qlora'] / med['factored']:.2f}; "
+        f"QLoRA step / bf16-base LoRA step: {med['qlora'] / med['lora_bf16']:.2f}.\n\n"
         "Inference forward (same batch): "
         f"unmerged (factored) / merged = {med['unmerged'] / med['merged']:.3f}; "
         f"merged / base = {med['merged'] / med['base']:.3f}.\n"
