@@ -103,6 +103,10 @@ class Int4Array(QuantizedArray):
         """Bytes as stored: int4 codes two per byte, plus the float32 scales."""
         return math.ceil(math.prod(self.codes.shape) / 2) + 4 * math.prod(self.scale.shape)
 
+    def quantize_like(self, x: jax.Array) -> Int4Array:
+        stack = len(self.shape) - len(self.inner_shape)
+        return quantize_int4(x, block_size=self.block_size, stack_axes=stack)
+
     def dequantize(self, dtype=None) -> jax.Array:
         """The dense weight ``(*batch, *inner_shape)`` in ``dtype`` (default ``self.dtype``)."""
         n = self.codes.shape[-1]

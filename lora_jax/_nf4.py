@@ -346,6 +346,14 @@ class NF4Array(QuantizedArray):
             return self.absmax
         return dequantize_absmax(self.qabsmax, self.absmax2, self.offset)
 
+    def quantize_like(self, x: jax.Array) -> NF4Array:
+        return quantize_nf4(
+            x,
+            block_size=self.block_size,
+            double_quant=self.double_quant,
+            stack_axes=len(self.shape) - len(self.inner_shape),
+        )
+
     def dequantize(self, dtype=None) -> jax.Array:
         """The dense weight ``(*batch, *inner_shape)`` in ``dtype`` (default ``self.dtype``)."""
         n = math.prod(self.inner_shape)

@@ -32,6 +32,10 @@ class QuantizedArray:
         """The dense weight, shape ``self.shape``, in ``dtype`` (default ``self.dtype``)."""
         raise NotImplementedError
 
+    def quantize_like(self, x: jax.Array) -> QuantizedArray:
+        """Quantise a dense ``x`` of this array's shape with the same format and settings."""
+        raise NotImplementedError
+
     @property
     def nbytes(self) -> int:
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))

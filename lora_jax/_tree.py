@@ -74,11 +74,14 @@ def _dense(w: Any) -> Any:
     return w.dequantize() if isinstance(w, QuantizedArray) else w
 
 
-def merge(frozen: Any, trainable: Any) -> Any:
+def merge(frozen: Any, trainable: Any, *, requantize: bool = False) -> Any:
     """A plain parameter tree: ``W0 + scale * a @ b`` at adapted leaves, trained leaves filled in.
 
     Each merged weight keeps the base's dtype (the sum is formed in float32 or wider).
-    Quantised bases are dequantised. Example:
+    A quantised base is dequantised; with ``requantize=True`` the merged weight is
+    quantised again in the base's format and ``(merged, errors)`` is returned, where
+    ``errors`` maps each requantised path to the relative Frobenius error
+    ``||Q(W) - W|| / ||W||`` that requantising introduced. Example:
 
         >>> import jax, jax.numpy as jnp, lora_jax as lj
         >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
@@ -88,17 +91,30 @@ def merge(frozen: Any, trainable: Any) -> Any:
         True
     """
     check_pair(frozen, trainable)
+    errors: dict[str, jax.Array] = {}
 
-    def leaf(w, t):
-        if isinstance(t, LoraFactors):
-            dense = _dense(w)
-            if t.magnitude is not None:
-                return dora_weight(dense, t)
+    def leaf(path, w, t):
+        if not isinstance(t, LoraFactors):
+            return t if w is None else w
+        dense = _dense(w)
+        if t.magnitude is not None:
+            out = dora_weight(dense, t)
+        else:
             wide = wide_dtype(dense.dtype, t.a.dtype)
-            return (dense.astype(wide) + lora_delta(t, wide)).astype(dense.dtype)
-        return t if w is None else w
+            out = (dense.astype(wide) + lora_delta(t, wide)).astype(dense.dtype)
+        if requantize and isinstance(w, QuantizedArray):
+            q = w.quantize_like(out)
+            diff = (q.dequantize(jnp.float32) - out.astype(jnp.float32)).ravel()
+            errors[path] = jnp.linalg.norm(diff) / jnp.linalg.norm(out.astype(jnp.float32))
+            return q
+        return out
 
-    return map_pair(leaf, frozen, trainable)
+    flat_f, treedef = jax.tree_util.tree_flatten_with_path(frozen, is_leaf=is_node)
+    flat_t = treedef.flatten_up_to(trainable)
+    merged = jax.tree.unflatten(
+        treedef, [leaf(path_str(p), w, t) for (p, w), t in zip(flat_f, flat_t)]
+    )
+    return (merged, errors) if requantize else merged
 
 
 def dora_norms(frozen: Any, trainable: Any) -> Any:

@@ -100,3 +100,18 @@ def test_merge_into_quantised_base_returns_dense():
     t = trainable["layers"]["attn"]["q"]["kernel"]
     expected = frozen_q["layers"]["attn"]["q"]["kernel"].dequantize() + lj.lora_delta(t)
     np.testing.assert_allclose(w, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4"])
+def test_merge_requantize_reports_error(fmt):
+    frozen_q, _, trainable = _pairs(fmt)
+    merged, errors = jax.jit(lambda f, t: lj.merge(f, t, requantize=True))(frozen_q, trainable)
+    w = merged["layers"]["attn"]["q"]["kernel"]
+    assert type(w) is type(frozen_q["layers"]["attn"]["q"]["kernel"])
+    dense = lj.merge(frozen_q, trainable)["layers"]["attn"]["q"]["kernel"]
+    err = np.linalg.norm(np.asarray(w.dequantize() - dense)) / np.linalg.norm(np.asarray(dense))
+    path = "layers/attn/q/kernel"
+    np.testing.assert_allclose(errors[path], err, rtol=1e-4)
+    assert 0 < float(errors[path]) < 0.2  # 4-bit round-off of a Gaussian matrix: ~10%
+    assert set(errors) == {f"layers/{m}/kernel" for m in
+                           ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/fc1", "mlp/fc2")}
