@@ -2,6 +2,9 @@
 
 from . import checkpoint as checkpoint
 from . import peft as peft
+from ._adalora import AdaLoraState as AdaLoraState
+from ._adalora import RankAllocator as RankAllocator
+from ._adalora import orthogonal_regularizer as orthogonal_regularizer
 from ._apply import lora_apply as lora_apply
 from ._bank import AdapterBank as AdapterBank
 from ._bank import AdapterSet as AdapterSet
@@ -11,8 +14,14 @@ from ._config import LoraRule as LoraRule
 from ._engine import LoraFactoringError as LoraFactoringError
 from ._engine import LoraMaterializeWarning as LoraMaterializeWarning
 from ._factors import LoraFactors as LoraFactors
+from ._guard import NonFiniteError as NonFiniteError
+from ._guard import check_finite as check_finite
+from ._guard import finite_guard as finite_guard
 from ._factors import lora_delta as lora_delta
+from ._init import principal_to_lora as principal_to_lora
 from ._int4 import Int4Array as Int4Array
+from ._loraplus import lora_plus as lora_plus
+from ._loraplus import lora_plus_labels as lora_plus_labels
 from ._int4 import dequantize_int4 as dequantize_int4
 from ._int4 import quantize_int4 as quantize_int4
 from ._nf4 import NF4Array as NF4Array
@@ -41,17 +50,22 @@ __version__ = "0.1.0"
 __all__ = [
     "checkpoint",
     "peft",
+    "AdaLoraState",
     "AdapterBank",
     "AdapterSet",
     "Int4Array",
     "LoraFactoringError",
     "LoraFactors",
+    "NonFiniteError",
+    "check_finite",
+    "finite_guard",
     "LoraMaterializeWarning",
     "LoraRule",
     "LoraSummary",
     "MemoryReport",
     "NF4Array",
     "QuantizedArray",
+    "RankAllocator",
     "combine",
     "combine_adapters",
     "count_params",
@@ -62,7 +76,11 @@ __all__ = [
     "lora_apply",
     "load_adapters",
     "lora_delta",
+    "lora_plus",
+    "lora_plus_labels",
     "nf4_shardings",
+    "orthogonal_regularizer",
+    "principal_to_lora",
     "memory_report",
     "merge",
     "quantize",
