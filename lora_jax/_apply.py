@@ -85,8 +85,17 @@ def lora_apply(
         Array([[3., 3.]], dtype=float32)
     """
 
+    if not callable(fn):
+        raise TypeError(f"lora_apply: fn={fn!r} is not callable; pass the model's apply function.")
+
     @functools.wraps(fn)
     def wrapped(frozen: Any, trainable: Any, *args: Any, rng: jax.Array | None = None, **kw):
+        if not 0 <= argnum <= len(args):
+            raise ValueError(
+                f"lora_apply: argnum={argnum} but the call has {len(args)} positional "
+                f"argument(s) after (frozen, trainable); argnum is the position of the params "
+                f"among fn's arguments."
+            )
         if "adapter_ids" in kw or isinstance(trainable, _bank.AdapterBank):
             ids, axes = kw.pop("adapter_ids", None), kw.pop("adapter_in_axes", None)
             return _bank.apply_bank(wrapped, frozen, trainable, args, kw, ids, rng, axes)

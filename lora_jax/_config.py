@@ -17,7 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-INITS = ("gaussian", "kaiming")
+INITS = ("gaussian", "kaiming", "pissa", "pissa_niter_<n>", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def is_principal_init(init: str) -> bool:
+    """Whether ``init`` moves part of W0 into the factors (PiSSA, OLoRA): the base changes."""
+    return init in ("pissa", "olora") or _PISSA_NITER.fullmatch(init) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +45,11 @@ class LoraRule:
     alpha: float | None = None
     # Train the matched leaf fully instead (PEFT's modules_to_save).
     full: bool = False
-    # Initialisation of `a` ("gaussian": N(0, 1/r^2) as PEFT's init="gaussian";
-    # "kaiming": PEFT's default kaiming-uniform). `b` always starts at zero.
+    # Initialisation ("gaussian": a ~ N(0, 1/r^2) as PEFT's init="gaussian"; "kaiming":
+    # PEFT's default kaiming-uniform; b = 0 for both). "pissa" (Meng et al., 2024): the top-r
+    # singular triplets of W0 go into a and b, split returns the residual as the frozen base;
+    # "pissa_niter_<n>": the same from a randomised SVD with n power iterations; "olora"
+    # (Buyukakyuz, 2024): a, b from a QR decomposition of W0, residual frozen. See lj.variants.
     init: str = "gaussian"
     # Axes of the weight contracted with the function's input (the `a` side).
     # None: (0,) for a 2-D weight; inferred from the function for higher ranks.
@@ -89,12 +98,26 @@ class LoraRule:
             raise ValueError(f"{where}: dora and adalora cannot be combined; pick one.")
         if self.full and (self.dora or self.adalora or self.rslora):
             raise ValueError(f"{where}: full=True trains the leaf fully; drop dora/adalora/rslora.")
-        if self.init not in INITS:
+        if not isinstance(self.init, str) or not (
+            self.init in ("gaussian", "kaiming") or is_principal_init(self.init)
+        ):
             raise ValueError(f"{where}: init={self.init!r} is not one of {INITS}.")
+        if self.adalora and self.init != "gaussian":
+            raise ValueError(
+                f"{where}: adalora uses its own init (P, Q ~ N(0, 0.02^2), lambda = 0); "
+                f"drop init={self.init!r}."
+            )
         if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"{where}: dropout={self.dropout!r} must be in [0, 1).")
-        if not jnp.issubdtype(self.param_dtype, jnp.floating):
-            raise ValueError(f"{where}: param_dtype={self.param_dtype!r} must be a float dtype.")
+        try:
+            is_float = jnp.issubdtype(self.param_dtype, jnp.floating)
+        except TypeError:
+            is_float = False
+        if not is_float:
+            raise ValueError(
+                f"{where}: param_dtype={self.param_dtype!r} must be a float dtype "
+                f"(e.g. jnp.float32 or jnp.bfloat16)."
+            )
         for name in ("in_axes", "stack_axes"):
             axes = getattr(self, name)
             if axes is not None:

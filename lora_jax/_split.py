@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._config import LoraRule, match_rules
-from ._factors import LoraFactors, column_norm
+from ._config import LoraRule, is_principal_init, match_rules
+from ._factors import LoraFactors, column_norm, lora_delta, wide_dtype
+from ._init import principal_factors
 from ._qarray import QuantizedArray
 from ._tree import leaves_with_paths
 
@@ -68,6 +69,15 @@ def resolve_axes(path: str, shape: tuple[int, ...], rule: LoraRule, inferred: Ax
     return stack, ins, outs
 
 
+def _check_key(key: Any) -> None:
+    ok = isinstance(key, jax.Array) and (
+        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.dtype == jnp.uint32 and key.shape == (2,))
+    )
+    if not ok:
+        raise TypeError(f"split: key={key!r} is not a PRNG key; pass key=jax.random.key(seed).")
+
+
 def _is_sharded(w: Any) -> bool:
     sharding = getattr(w, "sharding", None) if isinstance(w, jax.Array) else None
     return isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1
@@ -77,8 +87,14 @@ def _leaf_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def make_factors(w: Any, rule: LoraRule, axes: Axes, key: jax.Array, path: str) -> LoraFactors:
-    """Factors for one weight: ``a`` random by ``rule.init``, ``b`` zero."""
+def make_factors(
+    w: Any, rule: LoraRule, axes: Axes, key: jax.Array, path: str
+) -> tuple[LoraFactors, Any]:
+    """Factors for one weight and its frozen base.
+
+    ``a`` random by ``rule.init`` and ``b`` zero, with ``w`` itself as the base; for
+    PiSSA/OLoRA inits the principal factors and the residual ``w - scale * a @ b``.
+    """
     stack, ins, outs = axes
     shape = tuple(w.shape)
     d_in = int(np.prod([shape[i] for i in ins]))
@@ -100,6 +116,9 @@ def make_factors(w: Any, rule: LoraRule, axes: Axes, key: jax.Array, path: str) 
         a = 0.02 * jax.random.normal(ka, a_shape, dtype)
         b = 0.02 * jax.random.normal(kb, b_shape, dtype)
         singular = jnp.zeros(s_shape + (r,), dtype)
+    elif is_principal_init(rule.init):
+        a, b = principal_factors(w, rule.init, r, rule.scale, axes, key)
+        a, b = a.astype(dtype), b.astype(dtype)
     elif rule.init == "gaussian":
         a = jax.random.normal(key, a_shape, dtype) / r
     else:  # kaiming-uniform with a=sqrt(5), fan_in = d_in: bound 1/sqrt(d_in)
@@ -116,11 +135,15 @@ def make_factors(w: Any, rule: LoraRule, axes: Axes, key: jax.Array, path: str) 
         dropout=float(rule.dropout),
         singular=singular,
     )
+    base = w
+    if is_principal_init(rule.init):  # W0 = residual + scale * a @ b
+        wide = wide_dtype(w.dtype, dtype)
+        base = (w.astype(wide) - lora_delta(factors, wide)).astype(w.dtype)
     if rule.dora:  # magnitude starts at ||W0|| per column, so W starts at W0
-        dense = w.dequantize() if isinstance(w, QuantizedArray) else w
+        dense = base.dequantize() if isinstance(base, QuantizedArray) else base
         magnitude = column_norm(dense, factors).astype(dtype)
         factors = dataclasses.replace(factors, magnitude=magnitude)
-    return factors
+    return factors, base
 
 
 def split(
@@ -162,8 +185,15 @@ def split(
         True
     """
     items = leaves_with_paths(params)
-    if not items:
+    if all(w is None for _, w in items):
         raise ValueError("params is an empty tree; nothing to adapt.")
+    _check_key(key)
+    for path, w in items:
+        if w is not None and not (hasattr(w, "shape") and hasattr(w, "dtype")):
+            raise TypeError(
+                f"'{path}' is a {type(w).__name__}, not an array; convert the parameters "
+                f"with jax.tree.map(jnp.asarray, params)."
+            )
     sharded = [w.sharding for _, w in items if _is_sharded(w)]
     if sharded:
         # Factors are born with shardings derived from their base: no gather to one device.
@@ -189,6 +219,11 @@ def split(
             )
         if rule is not None and rule.full and isinstance(w, QuantizedArray):
             raise TypeError(f"'{path}' is quantised and cannot be trained fully.")
+        if rule is not None and is_principal_init(rule.init) and isinstance(w, QuantizedArray):
+            raise TypeError(
+                f"'{path}' is quantised but init={rule.init!r} replaces the base by the residual "
+                f"W0 - scale * a @ b; split the float weights, then lj.quantize the frozen tree."
+            )
     inferred: dict[str, Axes] = {}
     if apply_fn is not None:
         from ._infer import infer_axes  # the engine sits above this module
@@ -211,7 +246,8 @@ def split(
             trainable_leaves.append(w)
         else:
             axes = resolve_axes(path, tuple(w.shape), rule, inferred.get(path))
-            frozen_leaves.append(w)
-            trainable_leaves.append(make_factors(w, rule, axes, _leaf_key(key, path), path))
+            factors, base = make_factors(w, rule, axes, _leaf_key(key, path), path)
+            frozen_leaves.append(base)
+            trainable_leaves.append(factors)
     treedef = jax.tree.structure(params, is_leaf=lambda x: isinstance(x, QuantizedArray))
     return jax.tree.unflatten(treedef, frozen_leaves), jax.tree.unflatten(treedef, trainable_leaves)

@@ -31,6 +31,9 @@ def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
 
 def check_pair(frozen: Any, trainable: Any) -> None:
     """Raise if ``trainable`` does not fit ``frozen``, naming the first differing path."""
+    for name, tree in (("frozen", frozen), ("trainable", trainable)):
+        if tree is None:
+            raise ValueError(f"{name} is None; pass the (frozen, trainable) pair from lj.split.")
     f_items = leaves_with_paths(frozen)
     t_items = leaves_with_paths(trainable)
     f_paths = [p for p, _ in f_items]
@@ -47,6 +50,11 @@ def check_pair(frozen: Any, trainable: Any) -> None:
         if isinstance(t, LoraFactors):
             if w is None:
                 raise ValueError(f"'{path}': trainable has factors but frozen has no weight.")
+            if not jnp.issubdtype(w.dtype, jnp.floating):
+                raise TypeError(
+                    f"'{path}': the base is {w.dtype} but has factors; only floating-point "
+                    f"weights can be adapted (cast the base or drop these factors)."
+                )
             if tuple(w.shape) != t.shape:
                 raise ValueError(
                     f"'{path}': factors a{tuple(t.a.shape)}, b{tuple(t.b.shape)} adapt a "
@@ -143,8 +151,8 @@ def unmerge(merged: Any, trainable: Any, *, dora_norms: Any = None) -> Any:
         if isinstance(t, LoraFactors):
             if tuple(w.shape) != t.shape:
                 raise ValueError(
-                    f"merged weight of shape {tuple(w.shape)} does not match factors "
-                    f"adapting shape {t.shape}."
+                    f"'{path}': merged weight of shape {tuple(w.shape)} does not match factors "
+                    f"adapting shape {t.shape}; pass the tree returned by lj.merge."
                 )
             wide = wide_dtype(w.dtype, t.a.dtype)
             full = w.astype(wide)
@@ -166,6 +174,12 @@ def unmerge(merged: Any, trainable: Any, *, dora_norms: Any = None) -> Any:
             f"merged tree has {len(m_paths)} leaves but trainable has {len(paths)}; "
             f"pass the tree returned by lj.merge."
         )
+    for i, (mp, tp) in enumerate(zip(m_paths, paths)):
+        if mp != tp:
+            raise ValueError(
+                f"merged tree does not match trainable: at leaf {i} merged has {mp!r} but "
+                f"trainable has {tp!r}; pass the tree returned by lj.merge."
+            )
     flat_m, treedef = jax.tree_util.tree_flatten_with_path(merged, is_leaf=is_node)
     flat_t = treedef.flatten_up_to(trainable)
     out = [leaf(path_str(p), w, t) for (p, w), t in zip(flat_m, flat_t)]
