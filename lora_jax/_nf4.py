@@ -124,11 +124,14 @@ def to_blocks(flat: jax.Array, block: int) -> jax.Array:
 
 def check_quantize_args(x: Any, block_size: int, stack_axes: int, fn: str) -> tuple[int, ...]:
     """Validate a quantiser's input; returns the inner (per-matrix) shape."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(f"{fn}: x is a {type(x).__name__}; pass an array (jnp.asarray(x)).")
     shape = tuple(x.shape)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
             f"{fn}: x has dtype {x.dtype}; only floating-point arrays can be quantised."
         )
+    check_finite_input(x, fn)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"{fn}: block_size={block_size!r} must be a positive int (e.g. 64).")
     if isinstance(stack_axes, bool) or not isinstance(stack_axes, int):
@@ -141,6 +144,21 @@ def check_quantize_args(x: Any, block_size: int, stack_axes: int, fn: str) -> tu
     if math.prod(shape[stack_axes:]) == 0:
         raise ValueError(f"{fn}: x of shape {shape} has no elements per matrix to quantise.")
     return shape[stack_axes:]
+
+
+def check_finite_input(x: Any, fn: str) -> None:
+    """Refuse NaN/Inf in a concrete input (one NaN makes its whole block's scale NaN).
+
+    Skipped for tracers (under ``jit``/``eval_shape``) and arrays not fully addressable.
+    """
+    if isinstance(x, jax.core.Tracer) or not getattr(x, "is_fully_addressable", True):
+        return
+    bad = int(jnp.size(x) - jnp.isfinite(x).sum())
+    if bad:
+        raise ValueError(
+            f"{fn}: x of shape {tuple(x.shape)} ({x.dtype}) holds {bad} NaN/Inf value(s); "
+            f"its block scales would be non-finite. Fix or exclude the weight before quantising."
+        )
 
 
 def true_divide(num: jax.Array, den: jax.Array) -> jax.Array:

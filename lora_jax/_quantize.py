@@ -26,6 +26,11 @@ def _selector(select: Selector, paths: list[str], leaves: list[Any]) -> list[Lor
     """The rule (or True marker) selecting each leaf, None where none does."""
     if callable(select) and not isinstance(select, LoraRule):
         return ["" if select(p, w) else None for p, w in zip(paths, leaves)]
+    if not isinstance(select, str | LoraRule | list | tuple):
+        raise TypeError(
+            f"quantize: select must be regex strings, LoraRules or a predicate(path, leaf), "
+            f"got {type(select).__name__}."
+        )
     items = [select] if isinstance(select, str | LoraRule) else list(select)
     patterns = []
     for item in items:
@@ -35,7 +40,12 @@ def _selector(select: Selector, paths: list[str], leaves: list[Any]) -> list[Lor
                 f"quantize: select must be regex strings, LoraRules or a predicate(path, leaf), "
                 f"got {type(item).__name__}."
             )
-        patterns.append(re.compile(pattern))
+        try:
+            patterns.append(re.compile(pattern))
+        except re.error as e:
+            raise ValueError(
+                f"quantize: select pattern {pattern!r} is not a valid regex ({e})."
+            ) from None
     chosen, used = [], [False] * len(items)
     for path in paths:
         for i, regex in enumerate(patterns):
@@ -126,10 +136,13 @@ def quantize(
                 f"quantize: '{path}' has shape {tuple(w.shape)} with stack_axes={k}: only "
                 f"matrices (2 or more dims per layer) are quantised; exclude biases and norms."
             )
-        if format == "nf4":
-            q = quantize_nf4(w, block_size=block_size, double_quant=double_quant, stack_axes=k)
-        else:
-            q = quantize_int4(w, block_size=block_size, stack_axes=k)
+        try:
+            if format == "nf4":
+                q = quantize_nf4(w, block_size=block_size, double_quant=double_quant, stack_axes=k)
+            else:
+                q = quantize_int4(w, block_size=block_size, stack_axes=k)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"'{path}': {e}") from e
         out.append(q)
         count += 1
     if count == 0:

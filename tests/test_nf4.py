@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import lora_jax as lj
@@ -217,6 +217,7 @@ def test_pytree_and_vmap():
 
 
 @settings(max_examples=8, deadline=None)
+@example(rows=3, cols=16, block=32, dq=False, seed=0)
 @given(
     rows=st.integers(1, 70),
     cols=st.integers(1, 150),
@@ -232,6 +233,10 @@ def test_hypothesis_shapes_bit_exact(rows, cols, block, dq, seed):
     np.testing.assert_array_equal(np.asarray(q.packed), packed.numpy().reshape(-1))
     if not dq:
         np.testing.assert_array_equal(bits(q.absmax), bits(state.absmax.numpy()))
+    # bitsandbytes' CPU dequantize reads a 2-D state whose last block is partial with the wrong
+    # absmax (e.g. (3, 16) at block 32 differs from the same bytes read as (48,)); the format is
+    # defined on the flattened weight, so compare with its flat reading.
+    state.shape = torch.Size([rows * cols])
     ref = F.dequantize_4bit(packed, state, quant_type="nf4").numpy().reshape(rows, cols)
     got = q.dequantize()
     if dq and np.asarray(q.offset) != state.offset.numpy():
