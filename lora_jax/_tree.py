@@ -86,8 +86,8 @@ def merge(frozen: Any, trainable: Any, *, requantize: bool = False) -> Any:
     """A plain parameter tree: ``W0 + scale * a @ b`` at adapted leaves, trained leaves filled in.
 
     Each merged weight keeps the base's dtype (the sum is formed in float32 or wider).
-    A quantised base is dequantised; with ``requantize=True`` the merged weight is
-    quantised again in the base's format and ``(merged, errors)`` is returned, where
+    Every quantised leaf is dequantised; with ``requantize=True`` quantised leaves stay
+    quantised (an adapted one is quantised again in the base's format) and ``(merged, errors)`` is returned, where
     ``errors`` maps each requantised path to the relative Frobenius error
     ``||Q(W) - W|| / ||W||`` that requantising introduced. Example:
 
@@ -103,7 +103,9 @@ def merge(frozen: Any, trainable: Any, *, requantize: bool = False) -> Any:
 
     def leaf(path, w, t):
         if not isinstance(t, LoraFactors):
-            return t if w is None else w
+            if w is None:
+                return t
+            return w if requantize else _dense(w)  # unadapted quantised leaves too
         dense = _dense(w)
         if t.magnitude is not None:
             out = dora_weight(dense, t)

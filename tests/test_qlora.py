@@ -67,8 +67,11 @@ def test_qlora_step_memory():
     expected_args = lj._tree.nbytes(frozen_q) + lj._tree.nbytes(trainable)
     assert mem["qlora"].argument_size_in_bytes == expected_args
     # 4.127 bits per quantised weight (packed codes, 8-bit absmax, absmax2 and offset).
-    quantised = [w for w in jax.tree.leaves(frozen_q, is_leaf=lambda x: isinstance(x, lj.NF4Array))
-                 if isinstance(w, lj.NF4Array)]
+    quantised = [
+        w
+        for w in jax.tree.leaves(frozen_q, is_leaf=lambda x: isinstance(x, lj.NF4Array))
+        if isinstance(w, lj.NF4Array)
+    ]
     bits = 8 * sum(w.nbytes for w in quantised) / sum(int(np.prod(w.shape)) for w in quantised)
     assert bits == pytest.approx(4.127, abs=0.002)
     # Temporaries: at most one layer's dequantised weights on top of what the dense-base
@@ -82,7 +85,10 @@ def test_qlora_step_memory():
 
 
 def test_quantised_frozen_leaf_without_adapter():
-    params = {"w": jax.random.normal(jax.random.key(0), (64, 32)), "v": jax.random.normal(jax.random.key(1), (32, 8))}
+    params = {
+        "w": jax.random.normal(jax.random.key(0), (64, 32)),
+        "v": jax.random.normal(jax.random.key(1), (32, 8)),
+    }
     q = lj.quantize(params, ["w"])
     frozen, trainable = lj.split(q, [lj.LoraRule("v", rank=2)], key=jax.random.key(2))
     x = jax.random.normal(jax.random.key(3), (5, 64))
@@ -113,5 +119,20 @@ def test_merge_requantize_reports_error(fmt):
     path = "layers/attn/q/kernel"
     np.testing.assert_allclose(errors[path], err, rtol=1e-4)
     assert 0 < float(errors[path]) < 0.2  # 4-bit round-off of a Gaussian matrix: ~10%
-    assert set(errors) == {f"layers/{m}/kernel" for m in
-                           ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/fc1", "mlp/fc2")}
+    assert set(errors) == {
+        f"layers/{m}/kernel" for m in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/fc1", "mlp/fc2")
+    }
+
+
+def test_merge_dequantises_unadapted_quantised_leaves():
+    params = {
+        "w": jax.random.normal(jax.random.key(0), (64, 32)),
+        "v": jax.random.normal(jax.random.key(1), (32, 8)),
+    }
+    q = lj.quantize(params, ["w", "v"])
+    frozen, trainable = lj.split(q, [lj.LoraRule("v", rank=2)], key=jax.random.key(2))
+    merged = lj.merge(frozen, trainable)
+    assert isinstance(merged["w"], jax.Array)
+    np.testing.assert_array_equal(merged["w"], q["w"].dequantize())
+    kept, _ = lj.merge(frozen, trainable, requantize=True)
+    assert isinstance(kept["w"], lj.NF4Array) and isinstance(kept["v"], lj.NF4Array)
