@@ -380,7 +380,7 @@ def worker(pid: int, nproc: int, port: int, outdir: str, steps: int, layout: str
     merge_err = float(np.abs(m_h - (w0_h + t.scale * a_h @ b_h)).max())
 
     ckpt = Path(outdir) / "adapters"
-    save_adapters(ckpt, trainable)
+    save_adapters(ckpt, trainable, cfg, s.frozen)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
         trainable,
@@ -411,24 +411,14 @@ def worker(pid: int, nproc: int, port: int, outdir: str, steps: int, layout: str
     jax.distributed.shutdown()
 
 
-def save_adapters(path: Path, trainable) -> None:
-    """Orbax save of the adapter tree from every process (each writes its own shards).
-
-    lora_jax.checkpoint.save_adapters stages under a per-process random name, which
-    deadlocks with several processes, so this calls orbax directly.
-    """
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(Path(path).absolute(), trainable)
+def save_adapters(path: Path, trainable, cfg: Config, frozen) -> None:
+    """:func:`lora_jax.save_adapters` from every process (each writes its own shards)."""
+    lj.save_adapters(Path(path).absolute(), trainable, rules=rules(cfg), base=frozen)
 
 
 def restore_adapters(path: Path, like):
-    """Orbax restore onto ``like``'s shapes and shardings (ShapeDtypeStructs)."""
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(Path(path).absolute(), like)
+    """:func:`lora_jax.load_adapters` onto ``like``'s shapes and shardings (ShapeDtypeStructs)."""
+    return lj.load_adapters(Path(path).absolute(), like=like)
 
 
 def main() -> None:

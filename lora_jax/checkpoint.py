@@ -2,7 +2,8 @@
 
 A checkpoint is an orbax composite directory with two items:
 
-* ``arrays``: the factors ``a``/``b`` and the fully trained leaves (orbax
+* ``arrays``: the factors ``a``/``b`` (with DoRA's ``magnitude`` and AdaLoRA's
+  ``singular`` where present) and the fully trained leaves (orbax
   ``StandardSave``, so large adapters are written sharded and in parallel);
 * ``meta``: JSON with the tree structure (``None`` holes included: orbax drops
   them), the static fields of every :class:`~lora_jax.LoraFactors`, the rules,
@@ -11,7 +12,9 @@ A checkpoint is an orbax composite directory with two items:
   ``lora_jax.__version__``.
 
 Saves are atomic: orbax writes to a temporary directory and renames it, and an
-existing checkpoint is only replaced once the new one is complete.
+existing checkpoint is only replaced once the new one is complete. With several
+processes (``jax.distributed``) every process calls :func:`save_adapters` with the same
+path: they agree on one staging name, each writes its shards, and process 0 renames.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,10 +31,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from ._config import LoraRule
 from ._factors import LoraFactors
 from ._qarray import QuantizedArray
+from ._safe_ckpt import (
+    check_adapter_meta,
+    check_meta_size,
+    check_replaceable,
+    check_save_args,
+    find_checkpoint,
+    replace_dir,
+)
 from ._tree import is_node, leaves_with_paths
 
 FORMAT = "lora_jax.adapters"
@@ -134,10 +145,17 @@ def _structure(trainable: Any) -> Any:
     return enc if same else None
 
 
+def _factor_arrays(t: LoraFactors) -> dict[str, Any]:
+    """The arrays of one factors leaf by name: a, b and magnitude/singular where present."""
+    names = ("a", "b", "magnitude", "singular")
+    return {n: getattr(t, n) for n in names if getattr(t, n) is not None}
+
+
 def _pack(trainable, rules, base, step, metadata) -> tuple[dict, dict]:
     """The orbax ``arrays`` item and the JSON ``meta`` item of one checkpoint."""
     from . import __version__
 
+    check_save_args(rules, base, step, metadata)
     if isinstance(rules, LoraRule):
         rules = [rules]
     entries, arrays = [], {}
@@ -156,10 +174,10 @@ def _pack(trainable, rules, base, step, metadata) -> tuple[dict, dict]:
                     "out_axes": list(t.out_axes),
                     "rslora": bool(t.rslora),
                     "dropout": float(t.dropout),
-                    "arrays": {"a": _array_info(t.a), "b": _array_info(t.b)},
+                    "arrays": {n: _array_info(x) for n, x in _factor_arrays(t).items()},
                 }
             )
-            arrays[key] = {"a": t.a, "b": t.b}
+            arrays[key] = _factor_arrays(t)
         elif isinstance(t, QuantizedArray) or not hasattr(t, "shape"):
             raise TypeError(
                 f"'{path}': trainable leaf of type {type(t).__name__} cannot be saved; the "
@@ -248,7 +266,7 @@ def _kind_and_shapes(x: Any) -> tuple[str, Any]:
     if x is None:
         return "none", None
     if isinstance(x, LoraFactors):
-        return "factors", (tuple(x.a.shape), tuple(x.b.shape))
+        return "factors", tuple(tuple(v.shape) for v in _factor_arrays(x).values())
     return "array", (tuple(x.shape),)
 
 
@@ -258,7 +276,7 @@ def _like_leaves(like: Any, entries: list[dict]) -> list[Any]:
         path, x = items[i] if i < len(items) else (None, None)
         e = entries[i] if i < len(entries) else {"path": None, "kind": "none"}
         kind, got = _kind_and_shapes(x)
-        names = {"factors": ("a", "b"), "array": ("w",)}.get(e["kind"], ())
+        names = tuple(e["arrays"]) if e["kind"] != "none" else ()
         want = tuple(tuple(e["arrays"][n]["shape"]) for n in names) or None
         if path != e["path"] or kind != e["kind"] or got != want:
             raise ValueError(
@@ -276,6 +294,7 @@ def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) ->
         raise ValueError(f"cannot read adapter checkpoint metadata in {where}/meta: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{where}/meta is not a lora_jax adapter checkpoint (format missing).")
+    check_adapter_meta(meta, f"{where}/meta", FORMAT_VERSION)
     entries = meta["leaves"]
     if base is not None:
         _check_base(meta["base"], base, entries)
@@ -291,10 +310,9 @@ def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) ->
     abstract = {}
     for i, (e, x) in enumerate(zip(entries, like_leaves)):
         if e["kind"] == "factors":
-            xa, xb = (x.a, x.b) if x is not None else (None, None)
+            like_arrays = _factor_arrays(x) if x is not None else {}
             abstract[f"{i:05d}"] = {
-                "a": _target(e["arrays"]["a"], xa),
-                "b": _target(e["arrays"]["b"], xb),
+                n: _target(info, like_arrays.get(n)) for n, info in e["arrays"].items()
             }
         elif e["kind"] == "array":
             abstract[f"{i:05d}"] = {"w": _target(e["arrays"]["w"], x)}
@@ -321,10 +339,14 @@ def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) ->
         elif e["kind"] == "array":
             values.append(get(i, "w", x))
         else:
+            like_arrays = _factor_arrays(x) if x is not None else {}
+            got = {n: get(i, n, like_arrays.get(n)) for n in e["arrays"]}
             values.append(
                 LoraFactors(
-                    a=get(i, "a", None if x is None else x.a),
-                    b=get(i, "b", None if x is None else x.b),
+                    a=got["a"],
+                    b=got["b"],
+                    magnitude=got.get("magnitude"),
+                    singular=got.get("singular"),
                     alpha=e["alpha"],
                     stack_axes=tuple(e["stack_axes"]),
                     in_axes=tuple(e["in_axes"]),
@@ -381,17 +403,24 @@ def save_adapters(
         True
     """
     path = pathlib.Path(path).absolute()
+    check_replaceable(path)
     arrays, meta = _pack(trainable, rules, base, step, metadata)
-    staging = path.with_name(f"{path.name}.saving-{uuid.uuid4().hex[:8]}")
+    suffix = _shared_suffix()
+    staging = path.with_name(f"{path.name}.saving-{suffix}")
     _checkpointer().save(staging, args=_composite(arrays, meta))
-    if path.exists():
-        old = path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:8]}")
-        path.rename(old)
-        staging.rename(path)
-        shutil.rmtree(old)
-    else:
-        staging.rename(path)
+    if jax.process_index() == 0:
+        replace_dir(staging, path, suffix)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"lora_jax.save_adapters:{path}:{suffix}")
     return path
+
+
+def _shared_suffix() -> str:
+    """A random staging suffix, the same on every process (process 0's)."""
+    value = np.asarray(uuid.uuid4().int % 2**31, np.int32)
+    if jax.process_count() > 1:
+        value = multihost_utils.broadcast_one_to_all(value)
+    return f"{int(value):08x}"
 
 
 def load_adapters(path: str | os.PathLike, *, like: Any = None, base: Any = None) -> Any:
@@ -413,22 +442,31 @@ def load_adapters(path: str | os.PathLike, *, like: Any = None, base: Any = None
     Raises:
         ValueError: unreadable or corrupted checkpoint, a base or ``like`` that does not fit.
     """
-    path = pathlib.Path(path).absolute()
+    path = find_checkpoint(pathlib.Path(path).absolute())
     if not path.is_dir():
         raise ValueError(f"no adapter checkpoint at {path}; expected a directory.")
+    check_meta_size(path)
     ckptr = _checkpointer()
     return _unpack(lambda args: ckptr.restore(path, args=args), str(path), like, base)
 
 
 def read_info(path: str | os.PathLike) -> dict:
     """The stored metadata of a checkpoint: rules (as LoraRules), step, metadata, base, version."""
-    path = pathlib.Path(path).absolute()
+    path = find_checkpoint(pathlib.Path(path).absolute())
+    check_meta_size(path)
     try:
         meta = _checkpointer().restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as e:
         raise ValueError(f"cannot read adapter checkpoint metadata in {path}/meta: {e}") from e
-    meta = dict(meta["meta"])
-    meta["rules"] = [_rule_from_json(r) for r in meta["rules"]]
+    meta = meta["meta"]
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}/meta is not a lora_jax adapter checkpoint (format missing).")
+    check_adapter_meta(meta, f"{path}/meta", FORMAT_VERSION)
+    meta = dict(meta)
+    try:
+        meta["rules"] = [_rule_from_json(r) for r in meta["rules"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}/meta: a stored rule is invalid ({e}); corrupted metadata.") from e
     return meta
 
 

@@ -9,8 +9,17 @@ PEFT key (after ``base_model.model.``)    shape               lora_jax
 ``<module>.lora_B.weight``                ``(out, r)``        ``b.T``, ``b (r, out)``
 ``<module>.lora_embedding_A``             ``(r, vocab)``      ``a.T``, ``a (vocab, r)``
 ``<module>.lora_embedding_B``             ``(dim, r)``        ``b.T``, ``b (r, dim)``
+``<module>.lora_magnitude_vector``        ``(out,)``          ``magnitude`` (DoRA)
+``<module>.lora_A`` / ``.lora_B``         as above            AdaLoRA's ``a``, ``b``
+``<module>.lora_E``                       ``(r, 1)``          ``singular[:, None]``
 ``<module>.weight`` / ``.bias``           torch layout        fully trained leaf
 ========================================  ==================  =========================
+
+DoRA adapters set ``use_dora``; AdaLoRA adapters are ``peft_type: "ADALORA"`` with
+``init_r`` (the rank) and the pruned triplets stored as zero singular values (PEFT
+scales AdaLoRA by ``lora_alpha / (r + 1e-5)``, ours by ``alpha / r``: a relative
+``1e-5 / r`` of the adapter branch). Loading expands a PEFT ``rank_pattern`` (pruned
+tensors) back to ``init_r`` with zeros, which keeps PEFT's scale.
 
 The factors have the same layout for ``nn.Linear``, ``nn.Embedding`` and GPT-2's
 ``Conv1D`` (``fan_in_fan_out=True``); only fully trained leaves (PEFT's
@@ -39,10 +48,11 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from ._config import LoraRule
 from ._factors import LoraFactors
+from ._safe_io import adapter_tensors, check_peft_config, read_json
 from ._tree import is_node, leaves_with_paths
 
 CONFIG_NAME = "adapter_config.json"
@@ -99,6 +109,17 @@ def _one(values: dict[str, Any], name: str) -> Any:
     return distinct[0]
 
 
+def _check_args(fn: str, key_map: Any, tree: Any, name: str) -> None:
+    """Refuse a key map without ``to_hf`` and an empty or ``None`` tree, before any file I/O."""
+    if not callable(getattr(key_map, "to_hf", None)):
+        raise TypeError(
+            f"{fn}: key_map is a {type(key_map).__name__} without to_hf(path, layer); pass e.g. "
+            f"lora_jax.models.bert.PEFT_KEY_MAP or a lora_jax.models.KeyMap."
+        )
+    if not any(p for p, _ in leaves_with_paths(tree)):
+        raise ValueError(f"{fn}: {name} is an empty tree (or None); pass the {name} from lj.split.")
+
+
 def _transpose_if(w: np.ndarray, transposed: bool) -> np.ndarray:
     return np.ascontiguousarray(w.T if transposed and w.ndim == 2 else w)
 
@@ -145,8 +166,10 @@ def save_pretrained(
         >>> lj.peft.load_pretrained(d, frozen, key_map=key_map)["dense"]["kernel"].a.shape
         (8, 2)
     """
+    _check_args("save_pretrained", key_map, trainable, "trainable")
     tensors: dict[str, np.ndarray] = {}
     ranks, alphas, rslora, dropout, targets, full = {}, {}, {}, {}, [], []
+    dora, adalora = {}, {}
     for path, t in leaves_with_paths(trainable):
         if t is None:
             continue
@@ -175,25 +198,44 @@ def save_pretrained(
                 full.append(module_prefix + tg.module)
             continue
         a, b = np.asarray(t.a), np.asarray(t.b)
+        singular = None if t.singular is None else np.asarray(t.singular)
+        magnitude = None if t.magnitude is None else np.asarray(t.magnitude)
         ns = len(t.stack_axes)
         order = np.argsort(t.in_axes)  # torch flattens the in side in the weight's axis order
         a = a.transpose(*range(ns), *(ns + order), a.ndim - 1)
         a = a.reshape(*a.shape[:ns], -1, a.shape[-1])
         b = b.reshape(*b.shape[: ns + 1], -1)
+        if magnitude is not None:
+            magnitude = magnitude.reshape(*magnitude.shape[:ns], -1)
         for i, tg in enumerate(tgts):
             module = module_prefix + tg.module
-            ai, bi = (a[i], b[i]) if stacked else (a, b)
+            ai, bi, si, mi = (
+                x[i] if stacked and x is not None else x for x in (a, b, singular, magnitude)
+            )
             emb = tg.layout == "embedding"
+            if emb and (si is not None or mi is not None):
+                raise ValueError(
+                    f"'{path}' is an embedding with {'DoRA' if mi is not None else 'AdaLoRA'} "
+                    f"factors; the PEFT export supports those on linear weights only. Use a "
+                    f"plain LoraRule for embeddings."
+                )
             names = (
                 ("lora_embedding_A", "lora_embedding_B")
                 if emb
+                else ("lora_A", "lora_B")
+                if si is not None
                 else ("lora_A.weight", "lora_B.weight")
             )
             tensors[f"{ROOT}{module}.{names[0]}"] = np.ascontiguousarray(ai.T)
             tensors[f"{ROOT}{module}.{names[1]}"] = np.ascontiguousarray(bi.T)
+            if si is not None:
+                tensors[f"{ROOT}{module}.lora_E"] = np.ascontiguousarray(si[:, None])
+            if mi is not None:
+                tensors[f"{ROOT}{module}.lora_magnitude_vector"] = np.ascontiguousarray(mi)
             targets.append(module)
             ranks[module], alphas[module] = t.rank, _number(t.alpha)
             rslora[module], dropout[module] = t.rslora, t.dropout
+            dora[module], adalora[module] = mi is not None, si is not None
     if not targets and not full:
         raise ValueError("trainable has no factors or trained leaves; nothing to save.")
     r, rank_pattern = _common(ranks) if ranks else (8, {})
@@ -219,12 +261,45 @@ def save_pretrained(
         "bias": "none",
         "init_lora_weights": init,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": bool(_one(dora, "use_dora")) if dora else False,
     }
+    if adalora and _one(adalora, "AdaLoRA (singular values)"):
+        config = _adalora_config(config, ranks, alphas)
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _adalora_config(config: dict, ranks: dict, alphas: dict) -> dict:
+    """PEFT's ``AdaLoraConfig`` for an adapter whose factors all have singular values.
+
+    The schedule fields (``target_r``, ``total_step``...) only matter for training in PEFT;
+    they are set so that the config validates (``target_r = init_r``, ``total_step = 1``).
+    """
+    if config["use_rslora"]:
+        raise ValueError(
+            "AdaLoRA factors with rslora=True cannot be exported: PEFT's AdaLoRA always "
+            "scales by lora_alpha / r; split with rslora=False."
+        )
+    r = _one(ranks, "init_r (AdaLoRA rank)")
+    config = {k: v for k, v in config.items() if k not in ("rank_pattern", "alpha_pattern")}
+    config.update(
+        peft_type="ADALORA",
+        r=8,  # unused by AdaLoRA (PEFT warns for other values)
+        init_r=r,
+        target_r=r,
+        lora_alpha=_one(alphas, "lora_alpha"),
+        rank_pattern=None,
+        total_step=1,
+        tinit=0,
+        tfinal=0,
+        deltaT=1,
+        beta1=0.85,
+        beta2=0.85,
+        orth_reg_weight=0.5,
+    )
+    return config
 
 
 def _pattern_value(pattern: dict, module: str, default: Any) -> Any:
@@ -239,16 +314,18 @@ def _read_config(directory: str | os.PathLike) -> dict:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist; pass a folder written by save_pretrained.")
-    with open(path) as f:
-        config = json.load(f)
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type={config.get('peft_type')!r}; only 'LORA' loads.")
-    for name, ok in (("bias", "none"), ("use_dora", False), ("lora_bias", False)):
+    config = read_json(path, f"a PEFT {CONFIG_NAME}")
+    if config.get("peft_type") not in ("LORA", "ADALORA"):
+        raise ValueError(
+            f"{path}: peft_type={config.get('peft_type')!r}; only 'LORA' and 'ADALORA' load."
+        )
+    for name, ok in (("bias", "none"), ("lora_bias", False)):
         if config.get(name, ok) != ok:
             raise ValueError(
                 f"{path}: {name}={config[name]!r} is not supported (only {name}={ok!r}); "
                 f"retrain the adapter without it."
             )
+    check_peft_config(config, path)
     return config
 
 
@@ -260,11 +337,11 @@ def _split_point(shape: tuple[int, ...], d_in: int, d_out: int) -> int | None:
 
 
 def _factors(tensors, consumed, config, module, path, w_shape, stacked_index):
-    """(a, b, alpha) of one torch module from PEFT tensors, or None if it is not adapted."""
-    for a_name, b_name in (
-        ("lora_A.weight", "lora_B.weight"),
-        ("lora_embedding_A", "lora_embedding_B"),
-    ):
+    """(a, b, alpha, k, singular, magnitude) of one torch module, or None if it is not adapted."""
+    adalora = config.get("peft_type") == "ADALORA"
+    pairs = (("lora_A", "lora_B"),) if adalora else ()
+    pairs += (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
+    for a_name, b_name in pairs:
         ka, kb = f"{ROOT}{module}.{a_name}", f"{ROOT}{module}.{b_name}"
         if ka in tensors:
             break
@@ -274,8 +351,12 @@ def _factors(tensors, consumed, config, module, path, w_shape, stacked_index):
         raise ValueError(f"adapter has '{ka}' but no '{kb}'; the file is incomplete.")
     A, B = tensors[ka], tensors[kb]
     consumed.update((ka, kb))
-    r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    if adalora:
+        r, alpha = config["init_r"], config["lora_alpha"]
+        A, B, E = _adalora_tensors(tensors, consumed, config, module, ka, A, B)
+    else:
+        r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
     where = f"'{path}'" + ("" if stacked_index is None else f" layer {stacked_index}")
     if A.ndim != 2 or A.shape[0] != r:
         raise ValueError(f"'{ka}' has shape {A.shape}; r={r} in {CONFIG_NAME} expects ({r}, in).")
@@ -289,7 +370,50 @@ def _factors(tensors, consumed, config, module, path, w_shape, stacked_index):
         )
     a = A.T.reshape(*w_shape[:k], r)
     b = B.T.reshape(r, *w_shape[k:])
-    return a, b, float(alpha), k
+    magnitude = None
+    if config.get("use_dora", False):
+        km = f"{ROOT}{module}.lora_magnitude_vector"
+        if km not in tensors or tensors[km].shape != (B.shape[0],):
+            got = tensors[km].shape if km in tensors else "is missing"
+            raise ValueError(
+                f"{CONFIG_NAME} has use_dora=True but '{km}' {got}; expected shape "
+                f"({B.shape[0]},). The file is incomplete."
+            )
+        consumed.add(km)
+        magnitude = tensors[km].reshape(w_shape[k:])
+    return a, b, float(alpha), k, (E if adalora else None), magnitude
+
+
+def _adalora_tensors(tensors, consumed, config, module, ka, A, B):
+    """AdaLoRA's ``A (r, in)``, ``B (out, r)``, ``E (r,)`` expanded to ``init_r`` if pruned."""
+    ke = f"{ROOT}{module}.lora_E"
+    if ke not in tensors or tensors[ke].shape != (A.shape[0], 1):
+        got = tensors[ke].shape if ke in tensors else "is missing"
+        raise ValueError(
+            f"AdaLoRA adapter has '{ka}' {A.shape} but '{ke}' {got}; expected "
+            f"({A.shape[0]}, 1). The file is incomplete."
+        )
+    consumed.add(ke)
+    E = tensors[ke][:, 0]
+    r = config["init_r"]
+    kept = (config.get("rank_pattern") or {}).get(f"{module}.lora_E")
+    if kept is not None and A.shape[0] != r:
+        kept = np.asarray(kept, bool)
+        if kept.shape != (r,) or kept.sum() != A.shape[0]:
+            raise ValueError(
+                f"rank_pattern['{module}.lora_E'] keeps {int(kept.sum())} of {kept.size} "
+                f"ranks but '{ka}' has {A.shape[0]} rows and init_r={r}; the file is "
+                f"inconsistent."
+            )
+        full = (
+            lambda x, axis: np.zeros(  # noqa: E731
+                x.shape[:axis] + (r,) + x.shape[axis + 1 :], x.dtype
+            )
+        )
+        A2, B2, E2 = full(A, 0), full(B, 1), full(E, 0)
+        A2[kept], B2[:, kept], E2[kept] = A, B, E
+        A, B, E = A2, B2, E2
+    return A, B, E
 
 
 def load_pretrained(directory: str | os.PathLike, frozen: Any, *, key_map: KeyMap) -> Any:
@@ -327,8 +451,9 @@ def load_pretrained(directory: str | os.PathLike, frozen: Any, *, key_map: KeyMa
         >>> t["fc"]["kernel"].a.shape, t["fc"]["kernel"].b.shape, t["fc"]["kernel"].scale
         ((8, 2), (2, 4), 2.0)
     """
+    _check_args("load_pretrained", key_map, frozen, "frozen")
     config = _read_config(directory)
-    tensors = load_file(os.path.join(directory, WEIGHTS_NAME))
+    tensors = adapter_tensors(directory, WEIGHTS_NAME)
     consumed: set[str] = set()
     prefixes = ("", *getattr(key_map, "prefixes", ()))
     names = {k[len(ROOT) :] for k in tensors}
@@ -369,6 +494,11 @@ def load_pretrained(directory: str | os.PathLike, frozen: Any, *, key_map: KeyMa
                     f"'{path}'; split with LoraRule({path!r}, full=True) and pass that frozen tree."
                 )
         out.append(_assemble(found, stacked, shape, config, path))
+    if not consumed:
+        raise ValueError(
+            f"{directory}/{WEIGHTS_NAME} has no tensor for any leaf of frozen ({len(tensors)} "
+            f"tensors, e.g. {sorted(tensors)[:3]}); load onto the model the adapter was made for."
+        )
     unused = sorted(set(tensors) - consumed)
     if unused:
         raise ValueError(
@@ -430,16 +560,28 @@ def _assemble(found, stacked, shape, config, path) -> LoraFactors | None:
             f"'{path}' stacks {len(found)} layers but the adapter gives them different ranks, "
             f"alphas or shapes; PEFT adapters with per-layer ranks need an unstacked model."
         )
-    a0, b0, alpha, k = present[0]
-    if stacked:
-        a = np.stack([np.zeros_like(a0) if f is None else f[0] for f in found])
-        b = np.stack([np.zeros_like(b0) if f is None else f[1] for f in found])
+    a0, b0, alpha, k, s0, m0 = present[0]
+    if m0 is not None and len(present) < len(found):
+        raise ValueError(
+            f"'{path}' stacks {len(found)} layers but the DoRA adapter covers only "
+            f"{len(present)}; a missing layer has no magnitude. Load onto an unstacked model."
+        )
+    if stacked:  # layers the adapter misses get zero factors (and zero singular values)
+
+        def stack(i: int, x0: np.ndarray | None) -> np.ndarray | None:
+            if x0 is None:
+                return None
+            return np.stack([np.zeros_like(x0) if f is None else f[i] for f in found])
+
+        a, b, singular, magnitude = stack(0, a0), stack(1, b0), stack(4, s0), stack(5, m0)
     else:
-        a, b = a0, b0
+        a, b, singular, magnitude = a0, b0, s0, m0
     ns = int(stacked)
     return LoraFactors(
         a=jnp.asarray(a),
         b=jnp.asarray(b),
+        singular=None if singular is None else jnp.asarray(singular),
+        magnitude=None if magnitude is None else jnp.asarray(magnitude),
         alpha=alpha,
         stack_axes=tuple(range(ns)),
         in_axes=tuple(range(ns, ns + k)),

@@ -29,7 +29,6 @@ stored ``(in, out)`` like ours. In every layout, for a 2-D leaf with factors
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -38,6 +37,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 from safetensors import safe_open
+
+from .._safe_io import check_float_tensor, read_json, safetensors_header
 
 LAYOUTS = ("linear", "embedding", "vector")
 _LAYER = re.escape("{layer}")
@@ -159,8 +160,7 @@ def read_config(hf_dir: str | os.PathLike) -> dict:
             f"{path} does not exist; pass a folder written by save_pretrained (config.json "
             f"and model.safetensors)."
         )
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, "a Hugging Face config.json")
 
 
 def safetensors_reader(hf_dir: str | os.PathLike) -> dict[str, Callable[[], np.ndarray]]:
@@ -174,8 +174,7 @@ def safetensors_reader(hf_dir: str | os.PathLike) -> dict[str, Callable[[], np.n
         files = {single}
         owner = None
     elif os.path.isfile(index):
-        with open(index) as f:
-            owner = {k: os.path.join(hf_dir, v) for k, v in json.load(f)["weight_map"].items()}
+        owner = _weight_map(index, hf_dir)
         files = set(owner.values())
     else:
         raise FileNotFoundError(
@@ -184,18 +183,58 @@ def safetensors_reader(hf_dir: str | os.PathLike) -> dict[str, Callable[[], np.n
         )
     readers = {}
     for file in sorted(files):
-        with safe_open(file, framework="flax") as f:
-            keys = list(f.keys())
+        keys = list(safetensors_header(file))
         for k in keys:
             if owner is None or owner.get(k) == file:
                 readers[k] = _reader(file, k)
     return readers
 
 
+def _weight_map(index: str, hf_dir: str | os.PathLike) -> dict[str, str]:
+    """``{key: file}`` of a sharded checkpoint's index, each file inside ``hf_dir``."""
+    weight_map = read_json(index, "a safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and os.path.basename(v) == v and v.endswith(".safetensors")
+        for v in weight_map.values()
+    ):
+        raise ValueError(
+            f"{index}: weight_map must map tensor names to .safetensors file names in the same "
+            f"folder; the index is corrupted."
+        )
+    return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
+
+
+def check_dtype(dtype: Any, fn: str) -> None:
+    """Refuse a cast target that is not a float dtype (None keeps the stored dtype)."""
+    try:
+        ok = dtype is None or jax.numpy.issubdtype(dtype, jax.numpy.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise TypeError(
+            f"{fn}: dtype={dtype!r} is not a float dtype; pass jnp.float32, jnp.bfloat16, "
+            f"jnp.float16 or None (keep the stored dtype)."
+        )
+
+
+def require_ints(hf: dict, names: Iterable[str], where: str, optional: Iterable[str] = ()) -> None:
+    """Refuse a config.json whose size fields (``optional`` ones if present) are not ints >= 1."""
+    for name in (*names, *(n for n in optional if hf.get(n) is not None)):
+        v = hf.get(name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(
+                f"{where}: {name}={v!r} must be a positive int; the config.json is corrupted or "
+                f"belongs to another model type."
+            )
+
+
 def _reader(file: str, key: str) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
-        with safe_open(file, framework="flax") as f:
-            return np.asarray(f.get_tensor(key))
+        try:
+            with safe_open(file, framework="flax") as f:
+                return np.asarray(f.get_tensor(key))
+        except Exception as e:  # SafetensorError for a file changed or damaged since opened
+            raise ValueError(f"{file}: cannot read tensor '{key}' ({e}); re-export it.") from e
 
     return read
 
@@ -217,6 +256,7 @@ def build_tree(
                 f"as {sample}. Is it the right model class (see PEFT_KEY_MAP)?"
             )
         w = tensors[prefix + key]()
+        check_float_tensor(w, f"{where}: tensor '{prefix + key}'")
         return w.T if layout == "linear" else w
 
     tree: dict[str, Any] = {}

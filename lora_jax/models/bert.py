@@ -16,7 +16,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._hf import KeyEntry, KeyMap, build_tree, check_shapes, read_config, safetensors_reader
+from ._hf import (
+    KeyEntry,
+    KeyMap,
+    build_tree,
+    check_dtype,
+    check_shapes,
+    read_config,
+    require_ints,
+    safetensors_reader,
+)
 
 _ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -55,6 +64,18 @@ class BertConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> BertConfig:
         """From a transformers ``config.json`` dict."""
+        require_ints(
+            hf,
+            (
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+            ),
+            "BERT config.json",
+            optional=("max_position_embeddings", "type_vocab_size"),
+        )
         kind = hf.get("position_embedding_type", "absolute")
         if kind != "absolute":
             raise ValueError(
@@ -178,6 +199,7 @@ def load(hf_dir: str | os.PathLike, dtype: Any = None) -> tuple[dict, BertConfig
         >>> params["encoder"]["layer_0"]["attention"]["query"]["kernel"].shape
         (384, 384)
     """
+    check_dtype(dtype, "bert.load")
     config = BertConfig.from_hf(read_config(hf_dir))
     tensors = safetensors_reader(hf_dir)
     first = PEFT_KEY_MAP.entries[0].key

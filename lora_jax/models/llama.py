@@ -20,7 +20,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._hf import KeyEntry, KeyMap, build_tree, check_shapes, read_config, safetensors_reader
+from .._safe_io import check_float_tensor, open_gguf
+from ._hf import (
+    KeyEntry,
+    KeyMap,
+    build_tree,
+    check_dtype,
+    check_shapes,
+    read_config,
+    require_ints,
+    safetensors_reader,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +62,12 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
         """From a transformers ``config.json`` dict (``rope_theta`` or ``rope_parameters``)."""
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+        optional = ("num_key_value_heads", "head_dim")
+        require_ints(hf, (*sizes, "num_attention_heads"), "Llama config.json", optional)
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"Llama config.json: rope_parameters={rope!r} must be an object.")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         unsupported = {
             "rope_type": (rope_type, "default"),
@@ -197,6 +212,7 @@ def load(hf_dir: str | os.PathLike, dtype: Any = None) -> tuple[dict, LlamaConfi
         >>> params["layers"]["attention"]["q_proj"]["kernel"].shape, config.head_dim
         ((2, 32, 32), 8)
     """
+    check_dtype(dtype, "llama.load")
     config = LlamaConfig.from_hf(read_config(hf_dir))
     return _finish(safetensors_reader(hf_dir), config, dtype, str(hf_dir)), config
 
@@ -208,6 +224,48 @@ def _gguf_field(reader: Any, name: str, default: Any = None) -> Any:
             raise KeyError(f"GGUF metadata has no '{name}'; is this a llama.cpp Llama file?")
         return default
     return field.contents()
+
+
+def _gguf_number(reader: Any, path: Any, name: str, default: Any, kind: type) -> Any:
+    """A positive int (or finite float) metadata field; anything else is a ValueError."""
+    value = _gguf_field(reader, name, default)
+    try:
+        number = kind(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not np.isfinite(number) or number <= 0 or isinstance(value, bool):
+        raise ValueError(
+            f"{path}: GGUF field '{name}' is {value!r}; expected a positive {kind.__name__}."
+        )
+    return number
+
+
+def _gguf_tensors(reader: Any, path: Any, gguf: Any) -> dict[str, np.ndarray]:
+    """Every tensor dequantised to float32 in torch layout; a bad tensor is a ValueError."""
+    raw = {}
+    for t in reader.tensors:
+        try:
+            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+            w = w.reshape(tuple(int(n) for n in reversed(t.shape)))
+        except Exception as e:  # unknown quant type, data shorter than the shape...
+            raise ValueError(
+                f"{path}: tensor '{t.name}' ({t.tensor_type!r}, shape {tuple(t.shape)}) cannot be "
+                f"dequantised ({e}); the file is corrupted."
+            ) from e
+        check_float_tensor(w, f"{path}: tensor '{t.name}'")
+        name = str(t.name)
+        parts = name.split(".")
+        if name not in _GGUF_NAMES and not (
+            len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_BLOCK
+        ):
+            raise ValueError(
+                f"{path}: tensor '{name}' is not a llama.cpp Llama tensor (expected "
+                f"{sorted(_GGUF_NAMES)} or blk.N.{{{','.join(_GGUF_BLOCK)}}}.weight)."
+            )
+        raw[name] = w
+    if "token_embd.weight" not in raw:
+        raise ValueError(f"{path} has no 'token_embd.weight'; it is not a complete Llama GGUF.")
+    return raw
 
 
 def load_gguf(path: str | os.PathLike, dtype: Any = None) -> tuple[dict, LlamaConfig]:
@@ -232,27 +290,26 @@ def load_gguf(path: str | os.PathLike, dtype: Any = None) -> tuple[dict, LlamaCo
     """
     import gguf
 
-    reader = gguf.GGUFReader(os.fspath(path))
+    check_dtype(dtype, "llama.load_gguf")
+    reader = open_gguf(path)
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: general.architecture is {arch!r}; load_gguf reads 'llama' only.")
-    raw = {}
-    for t in reader.tensors:
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-        raw[t.name] = w.reshape(tuple(int(n) for n in reversed(t.shape)))
-    heads = int(_gguf_field(reader, "llama.attention.head_count"))
-    kv_heads = int(_gguf_field(reader, "llama.attention.head_count_kv", heads))
-    hidden = int(_gguf_field(reader, "llama.embedding_length"))
+    raw = _gguf_tensors(reader, path, gguf)
+    num = lambda name, default=None, kind=int: _gguf_number(reader, path, name, default, kind)  # noqa: E731
+    heads = num("llama.attention.head_count")
+    kv_heads = num("llama.attention.head_count_kv", heads)
+    hidden = num("llama.embedding_length")
     config = LlamaConfig(
         vocab_size=int(raw["token_embd.weight"].shape[0]),
         hidden_size=hidden,
-        intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
-        num_hidden_layers=int(_gguf_field(reader, "llama.block_count")),
+        intermediate_size=num("llama.feed_forward_length"),
+        num_hidden_layers=num("llama.block_count"),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=int(_gguf_field(reader, "llama.rope.dimension_count", hidden // heads)),
-        rms_norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
+        head_dim=num("llama.rope.dimension_count", hidden // heads),
+        rms_norm_eps=num("llama.attention.layer_norm_rms_epsilon", kind=float),
+        rope_theta=num("llama.rope.freq_base", 10000.0, float),
         tie_word_embeddings="output.weight" not in raw,
     )
     tensors = {}
@@ -264,6 +321,11 @@ def load_gguf(path: str | os.PathLike, dtype: Any = None) -> tuple[dict, LlamaCo
         if kind in ("attn_q", "attn_k"):
             n = heads if kind == "attn_q" else kv_heads
             rows, cols = w.shape
+            if rows % (2 * n):
+                raise ValueError(
+                    f"{path}: '{name}' has {rows} rows, not a multiple of 2 * {n} heads; the "
+                    f"file's head counts and tensors disagree."
+                )
             w = w.reshape(n, rows // n // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
         tensors[f"model.layers.{layer}.{_GGUF_BLOCK[kind]}.weight"] = w
     readers = {k: (lambda w=w: w) for k, w in tensors.items()}
