@@ -179,7 +179,7 @@ def _dot(eqn: Any, invals: Sequence[Any], ctx: Context) -> list[Any]:
         out = base_dot(x, w.base)
     if w.col is not None:
         xs, ws, letters = im._dot_letters(x.ndim, len(w.shape), x_is_lhs, p["dimension_numbers"])
-        if not all(ws[ax] in letters and ws[ax] not in xs for ax in w.col_axes):
+        if not all(ws[ax] in letters for ax in w.col_axes):  # a contracted column cannot scale
             return _bind(
                 eqn,
                 [x, ctx.fallback(w, "dot_general", "DoRA column contracted")]

@@ -242,11 +242,18 @@ def split_sharded(
             raise ValueError(
                 f"'{path}': specs are bare PartitionSpecs and no mesh is known; pass mesh=."
             )
-    trainable = jax.jit(lambda p, k: run(p, k)[1], out_shardings=shardings)(params, key)
-    frozen = jax.tree.map(
-        lambda f, p: None if f is None else p, frozen_shape, params, is_leaf=is_node
+    rules = [rules] if isinstance(rules, LoraRule) else rules
+    if not any(r.init.startswith(("pissa", "olora")) for r in rules):
+        trainable = jax.jit(lambda p, k: run(p, k)[1], out_shardings=shardings)(params, key)
+        frozen = jax.tree.map(
+            lambda f, p: None if f is None else p, frozen_shape, params, is_leaf=is_node
+        )
+        return frozen, trainable
+    # PiSSA/OLoRA replace the base by a residual: it is computed shard by shard too.
+    frozen_shardings = jax.tree.map(
+        lambda f, p: None if f is None else p.sharding, frozen_shape, params, is_leaf=is_node
     )
-    return frozen, trainable
+    return jax.jit(run, out_shardings=(frozen_shardings, shardings))(params, key)
 
 
 def _axis_size(mesh: Mesh, entry: Any) -> int:

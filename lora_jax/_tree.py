@@ -86,10 +86,10 @@ def merge(frozen: Any, trainable: Any, *, requantize: bool = False) -> Any:
     """A plain parameter tree: ``W0 + scale * a @ b`` at adapted leaves, trained leaves filled in.
 
     Each merged weight keeps the base's dtype (the sum is formed in float32 or wider).
-    Every quantised leaf is dequantised; with ``requantize=True`` quantised leaves stay
-    quantised (an adapted one is quantised again in the base's format) and ``(merged, errors)`` is returned, where
-    ``errors`` maps each requantised path to the relative Frobenius error
-    ``||Q(W) - W|| / ||W||`` that requantising introduced. Example:
+    Every quantised leaf is dequantised. With ``requantize=True`` quantised leaves stay
+    quantised (an adapted one is quantised again in the base's format) and
+    ``(merged, errors)`` is returned, where ``errors`` maps each requantised path to the
+    relative Frobenius error ``||Q(W) - W|| / ||W||`` that requantising introduced. Example:
 
         >>> import jax, jax.numpy as jnp, lora_jax as lj
         >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}

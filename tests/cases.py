@@ -103,7 +103,10 @@ CASES = [
     ),
     Case(
         "dense_general",
-        lambda k: {"qkv": _normal(k, (8, 2, 3)), "out": _normal(jax.random.fold_in(k, 1), (2, 3, 8))},
+        lambda k: {
+            "qkv": _normal(k, (8, 2, 3)),
+            "out": _normal(jax.random.fold_in(k, 1), (2, 3, 8)),
+        },
         _dense_general,
         (lj.LoraRule("qkv", rank=2, in_axes=(0,)), lj.LoraRule("out", rank=2, in_axes=(0, 1))),
         lambda k: (_normal(k, (2, 4, 8)),),

@@ -61,9 +61,13 @@ def test_split_keeps_values_and_merge_unmerge_round_trip(case):
         merged = wrap(lj.merge)(frozen, trainable)
         back = wrap(lj.unmerge)(merged, trainable)
         # Float32 round trip: |W0 + d - d - W0| <= 2 ulp of (|W0| + |d|).
-        for (_, w0), (_, w1) in zip(lj._tree.leaves_with_paths(frozen), lj._tree.leaves_with_paths(back)):
+        for (_, w0), (_, w1) in zip(
+            lj._tree.leaves_with_paths(frozen), lj._tree.leaves_with_paths(back)
+        ):
             if w0 is not None:
-                np.testing.assert_allclose(w1, w0, rtol=0, atol=1e-5 * (1 + float(jnp.abs(w0).max())))
+                np.testing.assert_allclose(
+                    w1, w0, rtol=0, atol=1e-5 * (1 + float(jnp.abs(w0).max()))
+                )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -91,7 +95,11 @@ def test_gradients_match_float64_oracle(case, mode):
 
         def dense_loss(t):
             params = jax.tree.map(
-                lambda w, f: (w + lj.lora_delta(f)) if isinstance(f, lj.LoraFactors) else (f if w is None else w),
+                lambda w, f: (
+                    (w + lj.lora_delta(f))
+                    if isinstance(f, lj.LoraFactors)
+                    else (f if w is None else w)
+                ),
                 f64,
                 t,
                 is_leaf=lj._tree.is_node,
@@ -121,11 +129,17 @@ def test_no_recompilation_on_second_step(case):
     assert len(traces) == 1
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("dense", "stacked_scan", "conv", "embedding")], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c.name in ("dense", "stacked_scan", "conv", "embedding")],
+    ids=lambda c: c.name,
+)
 def test_bf16_base_with_f32_factors_keeps_dtypes(case):
     params, _, _, inputs = _setup(case)
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    inputs = tuple(x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in inputs)
+    inputs = tuple(
+        x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in inputs
+    )
     frozen, trainable = lj.split(params, list(case.rules), key=jax.random.key(0))
     trainable = random_factors(trainable, jax.random.key(1))
     for path, t in lj._tree.leaves_with_paths(trainable):
@@ -135,8 +149,12 @@ def test_bf16_base_with_f32_factors_keeps_dtypes(case):
     out = jax.jit(lj.lora_apply(case.fn))(frozen, trainable, *inputs)
     assert out.dtype == base_out.dtype == jnp.bfloat16
     mat = lj.lora_apply(case.fn, materialize=True)(frozen, trainable, *inputs)
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(mat, np.float32), rtol=0.05, atol=0.1)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(mat, np.float32), rtol=0.05, atol=0.1
+    )
     merged = lj.merge(frozen, trainable)
-    for (_, w), (_, m) in zip(lj._tree.leaves_with_paths(frozen), lj._tree.leaves_with_paths(merged)):
+    for (_, w), (_, m) in zip(
+        lj._tree.leaves_with_paths(frozen), lj._tree.leaves_with_paths(merged)
+    ):
         if w is not None:
             assert m.dtype == w.dtype == jnp.bfloat16

@@ -182,9 +182,7 @@ def _control_flow_fns():
     def vjp_matmul(h, w):
         return h @ w
 
-    vjp_matmul.defvjp(
-        lambda h, w: (h @ w, (h, w)), lambda res, g: (g @ res[1].T, res[0].T @ g)
-    )
+    vjp_matmul.defvjp(lambda h, w: (h @ w, (h, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))
 
     return {
         "while": while_fn,
@@ -255,9 +253,16 @@ def test_argnum_and_kwargs_and_static_args():
 
 def test_mismatched_pair_is_refused_with_path():
     _, frozen, trainable, x = _dense_pair()
-    other = {"w": lj.LoraFactors(
-        a=jnp.zeros((9, 2)), b=jnp.zeros((2, 4)), alpha=4.0, stack_axes=(), in_axes=(0,), out_axes=(1,)
-    )}
+    other = {
+        "w": lj.LoraFactors(
+            a=jnp.zeros((9, 2)),
+            b=jnp.zeros((2, 4)),
+            alpha=4.0,
+            stack_axes=(),
+            in_axes=(0,),
+            out_axes=(1,),
+        )
+    }
     with pytest.raises(ValueError, match=r"'w': factors .* weight of shape \(9, 4\)"):
         lj.lora_apply(lambda p, x: x @ p["w"])(frozen, other, x)
     with pytest.raises(ValueError, match="does not match frozen tree"):

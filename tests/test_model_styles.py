@@ -60,7 +60,9 @@ def _linen(remat):
 def _nnx():
     graphdef, state = nnx.split(_Nnx(nnx.Rngs(0)))
     apply = lambda s, x: nnx.merge(graphdef, s)(x)
-    frozen, trainable = lj.split(state, [lj.LoraRule(r".*/kernel/value", rank=3)], key=jax.random.key(1))
+    frozen, trainable = lj.split(
+        state, [lj.LoraRule(r".*/kernel/value", rank=3)], key=jax.random.key(1)
+    )
     return state, apply, frozen, trainable, (jax.random.normal(jax.random.key(2), (5, 8)),)
 
 
@@ -76,7 +78,9 @@ def test_model_style(style):
     params, apply, frozen, trainable, args = STYLES[style]()
     with warnings.catch_warnings():
         warnings.simplefilter("error", lj.LoraMaterializeWarning)
-        np.testing.assert_array_equal(jax.jit(lj.lora_apply(apply))(frozen, trainable, *args), apply(params, *args))
+        np.testing.assert_array_equal(
+            jax.jit(lj.lora_apply(apply))(frozen, trainable, *args), apply(params, *args)
+        )
         trainable = random_factors(trainable, jax.random.key(9))
         loss = lambda t, m: jnp.sum(lj.lora_apply(apply, materialize=m)(frozen, t, *args) ** 2)
         val, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(trainable, False)

@@ -1,4 +1,4 @@
-"""QLoRA through the engine: NF4 and int4 bases dequantised at their point of use, layer by layer."""
+"""QLoRA through the engine: NF4 and int4 bases dequantised at their point of use, per layer."""
 
 import warnings
 

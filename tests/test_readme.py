@@ -19,7 +19,7 @@ BLOCK = re.compile(r"(<!-- no-test: [^>]+ -->\s*)?```python\n(.*?)```", re.S)
 def _blocks():
     text = README.read_text()
     out = []
-    for i, m in enumerate(BLOCK.finditer(text)):
+    for m in BLOCK.finditer(text):
         line = text[: m.start()].count("\n") + 1
         out.append(
             pytest.param(

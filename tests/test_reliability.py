@@ -76,7 +76,7 @@ def test_check_finite_needs_the_guard():
 
 def test_bf16_merge_unmerge_error_bound():
     # Measured bound: one bf16 rounding in merge and one in unmerge, so
-    # |unmerge(merge(W0)) - W0| <= 2 * 2^-8 * (|W0| + |dW|) elementwise (bf16 has 8 significant bits).
+    # |unmerge(merge(W0)) - W0| <= 2 * 2^-8 * (|W0| + |dW|) elementwise (bf16: 8 significant bits).
     w = jax.random.normal(jax.random.key(0), (256, 256)).astype(jnp.bfloat16)
     frozen, trainable = lj.split({"w": w}, [lj.LoraRule("w", rank=8)], key=jax.random.key(1))
     trainable = random_factors(trainable, jax.random.key(2))

@@ -64,7 +64,9 @@ def test_split_is_deterministic_and_keyed():
 
 def test_stacked_layers_get_their_own_factors():
     params = {"layers": {"w": jnp.ones((3, 8, 6))}}
-    _, t = lj.split(params, [lj.LoraRule("layers/w", rank=2, stack_axes=(0,))], key=jax.random.key(0))
+    _, t = lj.split(
+        params, [lj.LoraRule("layers/w", rank=2, stack_axes=(0,))], key=jax.random.key(0)
+    )
     f = t["layers"]["w"]
     assert f.a.shape == (3, 8, 2) and f.b.shape == (3, 2, 6)
     assert not np.allclose(f.a[0], f.a[1])
@@ -114,7 +116,11 @@ def _llama7b_shapes():
     sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
     layer = lambda: {
         "attn": {k: {"kernel": sds(d, d)} for k in ("q", "k", "v", "o")},
-        "mlp": {"gate": {"kernel": sds(d, f)}, "up": {"kernel": sds(d, f)}, "down": {"kernel": sds(f, d)}},
+        "mlp": {
+            "gate": {"kernel": sds(d, f)},
+            "up": {"kernel": sds(d, f)},
+            "down": {"kernel": sds(f, d)},
+        },
         "norm": {"scale": sds(d)},
     }
     return {"embed": sds(v, d), "layers": [layer() for _ in range(n)], "head": sds(d, v)}
@@ -173,8 +179,11 @@ def test_rule_regex_and_type_errors():
 def test_split_errors_name_path_shape_and_fix():
     params = _params()
     key = jax.random.key(0)
-    with pytest.raises(ValueError, match=r"rank=20 is larger than min\(in, out\)=min\(16, 12\) "
-                       r"for 'params/encoder/layer_0/query/kernel' with shape \(16, 12\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"rank=20 is larger than min\(in, out\)=min\(16, 12\) "
+        r"for 'params/encoder/layer_0/query/kernel' with shape \(16, 12\)",
+    ):
         lj.split(params, [lj.LoraRule(".*query/kernel", rank=20)], key=key)
     with pytest.raises(ValueError, match=r"\['nothing/matches'\] matched no parameter"):
         lj.split(params, [RULES[0], lj.LoraRule("nothing/matches", rank=2)], key=key)
@@ -193,7 +202,9 @@ def test_split_errors_name_path_shape_and_fix():
 def test_split_axis_errors():
     key = jax.random.key(0)
     p3 = {"w": jnp.ones((4, 3, 5))}
-    with pytest.raises(ValueError, match=r"'w' has shape \(4, 3, 5\) .* is ambiguous. Set LoraRule\(in_axes"):
+    with pytest.raises(
+        ValueError, match=r"'w' has shape \(4, 3, 5\) .* is ambiguous. Set LoraRule\(in_axes"
+    ):
         lj.split(p3, [lj.LoraRule("w", rank=1)], key=key)
     with pytest.raises(ValueError, match=r"stack_axes=\(1,\) must be the leading axes"):
         lj.split(p3, [lj.LoraRule("w", rank=1, stack_axes=(1,))], key=key)
@@ -204,8 +215,13 @@ def test_split_axis_errors():
     with pytest.raises(ValueError, match=r"in_axes=\(0,\) overlap stack_axes=\(0,\)"):
         lj.split(p3, [lj.LoraRule("w", rank=1, in_axes=(0,), stack_axes=(0,))], key=key)
     with pytest.raises(ValueError, match=r"could not infer the input axes of \['w'\]"):
-        lj.split(p3, [lj.LoraRule("w", rank=1)], key=key, apply_fn=lambda p, x: x * 2.0,
-                 args=(jnp.ones(3),))
+        lj.split(
+            p3,
+            [lj.LoraRule("w", rank=1)],
+            key=key,
+            apply_fn=lambda p, x: x * 2.0,
+            args=(jnp.ones(3),),
+        )
 
 
 def test_pair_errors():
@@ -216,8 +232,10 @@ def test_pair_errors():
         wide["params"]["encoder"]["layer_0"]["query"]["kernel"] = q.with_factors(
             q.a.astype(jnp.float64), q.b.astype(jnp.float64)
         )
-        with pytest.raises(ValueError, match="are float64 but the base is float32; applying them "
-                           "would upcast the base"):
+        with pytest.raises(
+            ValueError,
+            match="are float64 but the base is float32; applying them would upcast the base",
+        ):
             lj.merge(frozen, wide)
     both = dict(trainable)
     with pytest.raises(ValueError, match="fully trained array but frozen also holds one"):
@@ -288,21 +306,47 @@ def test_readme_paths_are_slash_joined():
     assert all(re.fullmatch(r"[\w/]+", p) for p in paths)
 
 
-@pytest.mark.parametrize("variant", [{}, {"dora": True}, {"adalora": True}], ids=["lora", "dora", "adalora"])
+@pytest.mark.parametrize(
+    "variant", [{}, {"dora": True}, {"adalora": True}], ids=["lora", "dora", "adalora"]
+)
 def test_split_on_sharded_params_creates_sharded_factors(variant):
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
     mesh = jax.make_mesh((2, 4), ("fsdp", "model"), axis_types=(AxisType.Auto,) * 2)
-    w = jax.device_put(jax.random.normal(jax.random.key(0), (16, 8)), NamedSharding(mesh, P("fsdp", "model")))
+    w = jax.device_put(
+        jax.random.normal(jax.random.key(0), (16, 8)), NamedSharding(mesh, P("fsdp", "model"))
+    )
     params = {"w": w, "unplaced": jnp.ones((4, 4))}
-    frozen, trainable = lj.split(params, [lj.LoraRule("w|unplaced", rank=2, **variant)], key=jax.random.key(1))
+    frozen, trainable = lj.split(
+        params, [lj.LoraRule("w|unplaced", rank=2, **variant)], key=jax.random.key(1)
+    )
     assert frozen["w"] is w
     assert trainable["w"].a.sharding.spec == P("fsdp", None)
     assert trainable["w"].b.sharding.spec == P(None, "model")
     if variant.get("dora"):
         assert trainable["w"].magnitude.sharding.spec == P("model")
-    _, ref = lj.split(jax.tree.map(np.asarray, params), [lj.LoraRule("w|unplaced", rank=2, **variant)], key=jax.random.key(1))
+    _, ref = lj.split(
+        jax.tree.map(np.asarray, params),
+        [lj.LoraRule("w|unplaced", rank=2, **variant)],
+        key=jax.random.key(1),
+    )
     # Same random values as an unsharded split (jit may fuse the init scale: 1 ulp).
     np.testing.assert_allclose(trainable["w"].a, ref["w"].a, rtol=1e-6)
     np.testing.assert_allclose(trainable["unplaced"].a, ref["unplaced"].a, rtol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_split_on_sharded_params_keeps_the_residual_base(init):
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("fsdp", "model"), axis_types=(AxisType.Auto,) * 2)
+    w = jax.device_put(
+        jax.random.normal(jax.random.key(0), (16, 8)), NamedSharding(mesh, P("fsdp", "model"))
+    )
+    frozen, trainable = lj.split(
+        {"w": w}, lj.LoraRule("w", rank=2, init=init), key=jax.random.key(1)
+    )
+    assert frozen["w"].sharding.spec == P("fsdp", "model")
+    np.testing.assert_allclose(lj.merge(frozen, trainable)["w"], w, atol=1e-5)
