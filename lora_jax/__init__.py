@@ -11,6 +11,7 @@ from ._bank import AdapterSet as AdapterSet
 from ._bank import stack_adapters as stack_adapters
 from ._combine import combine_adapters as combine_adapters
 from ._config import LoraRule as LoraRule
+from ._engine import LoraCustomRuleWarning as LoraCustomRuleWarning
 from ._engine import LoraFactoringError as LoraFactoringError
 from ._engine import LoraMaterializeWarning as LoraMaterializeWarning
 from ._factors import LoraFactors as LoraFactors
@@ -54,6 +55,7 @@ __all__ = [
     "AdapterBank",
     "AdapterSet",
     "Int4Array",
+    "LoraCustomRuleWarning",
     "LoraFactoringError",
     "LoraFactors",
     "NonFiniteError",

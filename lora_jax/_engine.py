@@ -33,6 +33,10 @@ class LoraMaterializeWarning(UserWarning):
     """An adapted weight was materialised (``W0 + scale * a @ b``) at one point of use."""
 
 
+class LoraCustomRuleWarning(UserWarning):
+    """An adapted weight enters a custom_jvp/custom_vjp function: its primal is differentiated."""
+
+
 @dataclasses.dataclass
 class Context:
     """Per-call state: strictness, dropout key and a counter to fold into it."""
@@ -372,11 +376,14 @@ def _custom(eqn: Any, invals: Sequence[Any], ctx: Context) -> list[Any]:
     for v in invals:
         if isinstance(v, Adapted) and v.has_factors and (v.path, name) not in ctx.warned:
             ctx.warned.add((v.path, name))
+            msg = (
+                f"'{v.path}' enters a {name} function; its custom derivative rule is replaced "
+                f"by autodiff of the primal (same values; the rule cannot see inside an "
+                f"implicit weight)"
+            )
             if ctx.strict:
-                raise LoraFactoringError(
-                    f"'{v.path}' enters a {name} function; its custom derivative rule would be "
-                    f"replaced by autodiff of the primal. Use strict=False to allow this."
-                )
+                raise LoraFactoringError(msg + ". Use strict=False to allow this.")
+            warnings.warn(msg + ".", LoraCustomRuleWarning, stacklevel=4)
     return _dense_all(run_closed(eqn.params["call_jaxpr"], invals, ctx), ctx, name)
 
 

@@ -205,6 +205,7 @@ def test_control_flow_factored_equals_materialized(name):
     loss = lambda t, m: jnp.sum(lj.lora_apply(fn, materialize=m)(frozen, t, x) ** 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", LoraMaterializeWarning)
+        warnings.simplefilter("ignore", lj.LoraCustomRuleWarning)  # tested below
         v, g = jax.jit(jax.value_and_grad(loss), static_argnums=1)(trainable, False)
     v_ref, g_ref = jax.value_and_grad(loss)(trainable, True)
     np.testing.assert_allclose(v, v_ref, rtol=1e-5)
@@ -267,3 +268,19 @@ def test_mismatched_pair_is_refused_with_path():
         lj.lora_apply(lambda p, x: x @ p["w"])(frozen, other, x)
     with pytest.raises(ValueError, match="does not match frozen tree"):
         lj.lora_apply(lambda p, x: x @ p["w"])(frozen, {"v": None}, x)
+
+
+@pytest.mark.parametrize("name", ["custom_jvp", "custom_vjp"])
+def test_custom_rule_with_adapted_weight_warns_once_or_raises_in_strict(name):
+    fn = _control_flow_fns()[name]
+    params, frozen, trainable, x = _dense_pair()
+    x = x[:, :6]
+    params = {"w": jax.random.normal(jax.random.key(0), (6, 6))}
+    frozen, trainable = lj.split(params, [lj.LoraRule("w", rank=2)], key=jax.random.key(1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lj.lora_apply(fn)(frozen, trainable, x)
+    hits = [w for w in caught if issubclass(w.category, lj.LoraCustomRuleWarning)]
+    assert len(hits) == 1 and f"'w' enters a {name}_call function" in str(hits[0].message)
+    with pytest.raises(LoraFactoringError, match=f"'w' enters a {name}_call function"):
+        lj.lora_apply(fn, strict=True)(frozen, trainable, x)
