@@ -23,19 +23,8 @@ TOL = 1e-4  # float32 torch vs float32 XLA over two layers
 
 
 @pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=32,
-    )
-    d = tmp_path_factory.mktemp("bert")
-    transformers.BertModel(cfg, add_pooling_layer=False).eval().save_pretrained(d)
-    return d
+def bert_dir(tiny_bert_dir):
+    return tiny_bert_dir
 
 
 @pytest.fixture(scope="module")

@@ -585,19 +585,9 @@ def hf():
 
 
 @pytest.fixture(scope="module")
-def bert_model(hf, tmp_path_factory):
-    torch, transformers, _ = hf
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=32,
-    )
-    d = tmp_path_factory.mktemp("bert")
-    transformers.BertModel(cfg, add_pooling_layer=False).eval().save_pretrained(d)
+def bert_model(hf, tiny_bert_dir):
+    _, transformers, _ = hf
+    d = tiny_bert_dir
     return d, transformers.BertModel.from_pretrained(d, add_pooling_layer=False).eval()
 
 
