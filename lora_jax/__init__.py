@@ -16,6 +16,8 @@ from ._engine import LoraFactoringError as LoraFactoringError
 from ._engine import LoraMaterializeWarning as LoraMaterializeWarning
 from ._factors import LoraFactors as LoraFactors
 from ._factors import lora_delta as lora_delta
+from ._glora import Glora as Glora
+from ._glora import GloraParts as GloraParts
 from ._guard import NonFiniteError as NonFiniteError
 from ._guard import check_finite as check_finite
 from ._guard import finite_guard as finite_guard
@@ -57,6 +59,8 @@ __all__ = [
     "Int4Array",
     "LoraCustomRuleWarning",
     "LoraFactoringError",
+    "Glora",
+    "GloraParts",
     "LoraFactors",
     "NonFiniteError",
     "check_finite",

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _bank, _engine
 from ._factors import LoraFactors, column_norm
+from ._glora import glora_biases, implicit_terms
 from ._implicit import Adapted, Deferred
 from ._qarray import QuantizedArray
 from ._tree import check_pair, is_node, leaves_with_paths, merge
@@ -20,28 +21,36 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
-def _implicit(path: str, w: Any, t: Any) -> Any:
-    """The engine's input for one parameter leaf."""
+def _implicit(path: str, w: Any, t: Any, bias: Any = None) -> Any:
+    """The engine's input for one parameter leaf (``bias``: a GLoRA layer's bias leaf)."""
     quantised = isinstance(w, QuantizedArray)
     if not isinstance(t, LoraFactors):
         if quantised:
             return Adapted(Deferred(w), None, None, (), (), 1.0, w.shape, w.dtype, path)
         return w
-    b, col = t.effective_b(), None
-    if t.magnitude is not None:
+    b, col, shift, base = t.effective_b(), None, None, Deferred(w) if quantised else w
+    if t.glora is not None:
+        # GLoRA: W = base * col + B, plus a per-column shift (its bias terms).
+        base, col, shift = implicit_terms(w, t, bias)
+        if isinstance(base, QuantizedArray):
+            base = Deferred(base)
+    elif t.magnitude is not None:
         # DoRA: W = m * (W0 + dW) / ||W0 + dW||; the norm is a constant in the backward pass.
         norm = jax.lax.stop_gradient(column_norm(w.dequantize() if quantised else w, t))
         col = t.magnitude.astype(norm.dtype) / norm
         ns = len(t.stack_axes)
         b = b * col.reshape(col.shape[:ns] + (1,) + col.shape[ns:]).astype(b.dtype)
+    columns = t.stack_axes + t.out_axes
     return Adapted(
-        base=Deferred(w) if quantised else w,
+        base=base,
         a=t.a,
         b=b,
         a_axes=t.stack_axes + t.in_axes + (None,),
         b_axes=t.stack_axes + (None,) + t.out_axes,
         col=col,
-        col_axes=t.stack_axes + t.out_axes if col is not None else (),
+        col_axes=columns if col is not None else (),
+        shift=shift,
+        shift_axes=columns if shift is not None else (),
         scale=t.scale,
         shape=tuple(w.shape),
         dtype=w.dtype,
@@ -111,8 +120,12 @@ def lora_apply(
                 )
             return call(merge(frozen, trainable), args, kw)
 
-        items = zip(leaves_with_paths(frozen), leaves_with_paths(trainable))
-        params_leaves = [t if w is None else _implicit(p, w, t) for (p, w), (_, t) in items]
+        f_items, t_items = leaves_with_paths(frozen), leaves_with_paths(trainable)
+        biases = glora_biases(f_items, t_items)
+        params_leaves = [
+            t if w is None else _implicit(p, w, t, biases.get(p))
+            for (p, w), (_, t) in zip(f_items, t_items)
+        ]
         treedef = jax.tree.structure(frozen, is_leaf=is_node)
         dyn_leaves, dyn_tree = jax.tree.flatten((args, kw))
         dynamic = [i for i, x in enumerate(dyn_leaves) if _is_array(x)]

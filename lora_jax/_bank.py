@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._factors import LoraFactors
+from ._factors import LoraFactors, require_low_rank
 from ._tree import check_pair, leaves_with_paths
 
 
@@ -65,7 +65,7 @@ def _pad_rank(t: LoraFactors, rank: int) -> tuple[jax.Array, jax.Array]:
     extra = rank - t.rank
     ns = len(t.stack_axes)
     a = jnp.pad(t.a, [(0, 0)] * (t.a.ndim - 1) + [(0, extra)])
-    b = jnp.pad(t.b, [(0, 0)] * ns + [(0, extra)] + [(0, 0)] * (t.b.ndim - ns - 1))
+    b = jnp.pad(t.effective_b(), [(0, 0)] * ns + [(0, extra)] + [(0, 0)] * (t.b.ndim - ns - 1))
     return a, b
 
 
@@ -195,6 +195,7 @@ def _stack_one(path: str, leaves: list[Any], rank: int) -> Any:
         return jnp.stack([jnp.asarray(x).astype(first.dtype) for x in leaves])
     axes = (first.stack_axes, first.in_axes, first.out_axes)
     for x in leaves:
+        require_low_rank(x, path, "stack_adapters")
         if (x.stack_axes, x.in_axes, x.out_axes) != axes or x.shape != first.shape:
             raise ValueError(
                 f"'{path}': factors adapt shape {x.shape} along (stack, in, out)="

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._factors import LoraFactors, wide_dtype
+from ._factors import LoraFactors, require_low_rank, wide_dtype
 from ._tree import is_node, leaves_with_paths
 
 
@@ -29,7 +29,7 @@ def _cat(fs: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
     a = jnp.concatenate([f.a for f in fs], axis=-1)
     b = jnp.concatenate(
         [
-            (f.b.astype(wide) * jnp.asarray(w * f.scale, wide)).astype(f.b.dtype)
+            (f.effective_b().astype(wide) * jnp.asarray(w * f.scale, wide)).astype(f.b.dtype)
             for f, w in zip(fs, weights)
         ],
         axis=ns,
@@ -128,6 +128,8 @@ def combine_adapters(
                 f"{len(shapes)} factor layouts); combine adapters made with the same rules."
             )
         if isinstance(first, LoraFactors):
+            for f in leaves:
+                require_low_rank(f, path, "combine_adapters")
             cat = _cat(leaves, weights)
             out.append(cat if method == "cat" else _svd(cat, rank, path))
         elif first is None:

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._glora import Glora
+
 INITS = ("gaussian", "kaiming", "pissa", "pissa_niter_<n>", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
@@ -67,6 +69,9 @@ class LoraRule:
     dora: bool = False
     # AdaLoRA (Zhang et al., 2023): delta W = P diag(lambda) Q with trainable singular values.
     adalora: bool = False
+    # GLoRA (Chavan et al., 2023): W = W0 + W0 * A + B and b = b0 + b0 * D + E + C . W0,
+    # B the rank-r term. True: the fixed configuration lj.Glora(); or lj.Glora(a=..., ...).
+    glora: Glora | bool = False
 
     def __post_init__(self) -> None:
         self._validate()
@@ -94,10 +99,21 @@ class LoraRule:
                     f"{where}: alpha={self.alpha!r} must be a finite number > 0 "
                     f"(default 2 * rank = {2 * self.rank})."
                 )
-        if self.dora and self.adalora:
-            raise ValueError(f"{where}: dora and adalora cannot be combined; pick one.")
-        if self.full and (self.dora or self.adalora or self.rslora):
-            raise ValueError(f"{where}: full=True trains the leaf fully; drop dora/adalora/rslora.")
+        if self.glora is True:
+            object.__setattr__(self, "glora", Glora())
+        elif self.glora is False:
+            object.__setattr__(self, "glora", None)
+        elif self.glora is not None and not isinstance(self.glora, Glora):
+            raise TypeError(
+                f"{where}: glora must be True, False or lj.Glora(...), got {self.glora!r}."
+            )
+        variants = [n for n in ("dora", "adalora", "glora") if getattr(self, n)]
+        if len(variants) > 1:
+            raise ValueError(f"{where}: {' and '.join(variants)} cannot be combined; pick one.")
+        if self.full and (self.dora or self.adalora or self.rslora or self.glora):
+            raise ValueError(
+                f"{where}: full=True trains the leaf fully; drop dora/adalora/glora/rslora."
+            )
         if not isinstance(self.init, str) or not (
             self.init in ("gaussian", "kaiming") or is_principal_init(self.init)
         ):
@@ -106,6 +122,11 @@ class LoraRule:
             raise ValueError(
                 f"{where}: adalora uses its own init (P, Q ~ N(0, 0.02^2), lambda = 0); "
                 f"drop init={self.init!r}."
+            )
+        if self.glora is not None and is_principal_init(self.init):
+            raise ValueError(
+                f"{where}: glora starts every support tensor at zero; init={self.init!r} would "
+                f"replace the base. Use init='gaussian' or 'kaiming'."
             )
         if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"{where}: dropout={self.dropout!r} must be in [0, 1).")

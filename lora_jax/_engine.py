@@ -54,6 +54,13 @@ class Context:
 
     def fallback(self, v: Adapted, what: str, why: str = "") -> jax.Array:
         """Materialise ``v`` at this one use (warn once), or raise in strict mode."""
+        if v.shift is not None:
+            raise LoraFactoringError(
+                f"'{v.path}' (view shape {v.shape}) carries GLoRA bias terms (C, D, E), which "
+                f"act on the output columns of a matmul or convolution of the weight; its use "
+                f"by '{what}'{' (' + why + ')' if why else ''} has no such output. Use "
+                f"lj.Glora(c='none', d='none', e='none') for this weight."
+            )
         if v.has_factors and not v.indexed:
             msg = (
                 f"'{v.path}' (view shape {v.shape}) is used by '{what}'"
@@ -191,6 +198,11 @@ def _dot(eqn: Any, invals: Sequence[Any], ctx: Context) -> list[Any]:
                 else [ctx.fallback(w, "dot_general", "DoRA column contracted"), x],
             )
         out = out * im.broadcast_col(w.col, w.col_axes, ws, letters).astype(out.dtype)
+    if w.shift is not None:
+        xs, ws, letters = im._dot_letters(x.ndim, len(w.shape), x_is_lhs, p["dimension_numbers"])
+        if not all(ws[ax] in letters for ax in w.shift_axes):
+            ctx.fallback(w, "dot_general", "an output column of the weight is contracted")
+        out = out + im.broadcast_col(w.shift, w.shift_axes, ws, letters).astype(out.dtype)
     if not w.has_factors:
         return [out]
     low = im.lowrank_dot(
@@ -223,6 +235,13 @@ def _conv(eqn: Any, invals: Sequence[Any], ctx: Context) -> list[Any]:
         shape = [1] * out.ndim
         shape[eqn.params["dimension_numbers"].out_spec[1]] = w.col.shape[0]
         out = out * w.col.reshape(shape).astype(out.dtype)
+    if w.shift is not None:
+        out_feat = eqn.params["dimension_numbers"].rhs_spec[0]
+        if tuple(w.shift_axes) != (out_feat,):
+            ctx.fallback(w, "conv_general_dilated", "the output features are not the columns")
+        shape = [1] * out.ndim
+        shape[eqn.params["dimension_numbers"].out_spec[1]] = w.shift.shape[0]
+        out = out + w.shift.reshape(shape).astype(out.dtype)
     if not w.has_factors:
         return [out]
     try:

@@ -15,6 +15,7 @@ delta W = scale * a @ b, contracted over r, with scale = alpha / r
 delta W = scale * a @ (singular * b)), and ``magnitude`` ``(*stack, *out_axes)``
 makes it DoRA: W = magnitude * (W0 + delta W) / ||W0 + delta W||, the norm taken
 over the input axes for each output column and held constant in the backward pass.
+``glora`` makes it GLoRA (``_glora.py``): W = W0 + W0 * A + delta W, plus bias terms.
 ``in_axes`` are the weight's axes that the
 function contracts with its input (for a Flax kernel ``(in, out)``: axis 0; for
 an embedding table ``(vocab, dim)``: the vocab axis); ``out_axes`` are the
@@ -27,14 +28,18 @@ import dataclasses
 import functools
 import math
 import string
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
+if TYPE_CHECKING:
+    from ._glora import GloraParts
+
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["a", "b", "magnitude", "singular"],
+    data_fields=["a", "b", "magnitude", "singular", "glora"],
     meta_fields=["alpha", "stack_axes", "in_axes", "out_axes", "rslora", "dropout"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +56,8 @@ class LoraFactors:
         dropout: dropout probability on the adapter branch's input.
         magnitude: DoRA magnitude ``(*stack, *out_axes)`` or None.
         singular: AdaLoRA singular values ``(*stack, r)`` or None.
+        glora: GLoRA's other support tensors (:class:`~lora_jax.GloraParts`) or None;
+            ``a``, ``b`` are then its low-rank B.
     """
 
     a: jax.Array
@@ -63,6 +70,7 @@ class LoraFactors:
     dropout: float = 0.0
     magnitude: jax.Array | None = None
     singular: jax.Array | None = None
+    glora: GloraParts | None = None
 
     @property
     def rank(self) -> int:
@@ -95,6 +103,17 @@ class LoraFactors:
         n_out = len(self.out_axes)
         return self.b * self.singular.reshape(self.singular.shape + (1,) * n_out).astype(
             self.b.dtype
+        )
+
+
+def require_low_rank(t: LoraFactors, path: str, what: str) -> None:
+    """Raise unless ``t``'s update is ``scale * a @ effective_b`` alone (not DoRA or GLoRA)."""
+    kind = "DoRA" if t.magnitude is not None else "GLoRA" if t.glora is not None else None
+    if kind is not None:
+        raise ValueError(
+            f"'{path}': {what} works on low-rank updates W0 + scale * a @ b, but these are "
+            f"{kind} factors (their weight is not of that form); merge them with lj.merge, or "
+            f"use LoRA/rsLoRA/AdaLoRA rules."
         )
 
 

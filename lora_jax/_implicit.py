@@ -10,7 +10,9 @@ Each factor records, for each of its axes, which axis of the current view it
 spans (``None`` for the rank axis). A view axis may belong to ``a``, to ``b``
 or to both (stacked-layer axes). The view equals
 ``base * col + scale * einsum(a, b)`` with letters given by those maps
-(``col``, DoRA's per-column scale, is already folded into ``b``).
+(``col`` scales the base per column: DoRA folds it into ``b`` too, GLoRA's A
+does not). ``shift`` (GLoRA's bias terms) is no part of the weight: each use
+adds it to its output, per output column.
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ class Adapted:
     path: str
     dropout: float = 0.0
     indexed: bool = False  # rows were gathered: materialising is the factored lookup
-    col: jax.Array | None = None  # DoRA column scale m / ||W0 + dW|| over some view axes
+    col: jax.Array | None = None  # per-column scale of the base (DoRA, GLoRA's A)
     col_axes: AxisMap = ()
+    shift: jax.Array | None = None  # per-column term added to each use's output (GLoRA's bias)
+    shift_axes: AxisMap = ()
 
     @property
     def has_factors(self) -> bool:
@@ -82,14 +86,14 @@ class Adapted:
         return [n for n, m in (("a", self.a_axes), ("b", self.b_axes)) if axis in m]
 
     def parts(self):
-        """(name, array, axis map) of each factor-like array present: a, b and col."""
+        """(name, array, axis map) of each factor-like array present: a, b, col and shift."""
         for name in PARTS:
             arr = getattr(self, name)
             if arr is not None:
                 yield name, arr, getattr(self, name + "_axes")
 
 
-PARTS = ("a", "b", "col")
+PARTS = ("a", "b", "col", "shift")
 
 
 def _letters(n: int) -> str:
@@ -141,7 +145,12 @@ def _renumber(v: Adapted, mapping: dict[int, int | None], **changes) -> Adapted:
     squeezed by the caller beforehand."""
     ren = lambda m: tuple(None if ax is None else mapping[ax] for ax in m)
     return dataclasses.replace(
-        v, a_axes=ren(v.a_axes), b_axes=ren(v.b_axes), col_axes=ren(v.col_axes), **changes
+        v,
+        a_axes=ren(v.a_axes),
+        b_axes=ren(v.b_axes),
+        col_axes=ren(v.col_axes),
+        shift_axes=ren(v.shift_axes),
+        **changes,
     )
 
 

@@ -16,13 +16,21 @@ from ._tree import is_node
 BASE, FAST = "base", "fast"
 
 
+def _glora_labels(g: Any) -> Any:
+    """GLoRA's random-init halves (``scale_in``, ``prompt_out``) learn like ``a``; the
+    zero-init halves and the vectors/scalars like ``b``."""
+    slow = ("scale_in", "prompt_out")
+    return dataclasses.replace(g, **{n: BASE if n in slow else FAST for n in g.arrays()})
+
+
 def lora_plus_labels(trainable: Any) -> Any:
     """The optimiser group of every trainable array: ``"base"`` (lr) or ``"fast"`` (ratio * lr).
 
     ``a`` and AdaLoRA's ``singular`` ``(*stack, r)`` are ``"base"``; ``b`` and DoRA's
     ``magnitude`` are ``"fast"`` (PEFT's ``create_loraplus_optimizer`` puts ``lora_B`` and
     every 1-D parameter, hence ``lora_magnitude_vector``, in the fast group and
-    ``lora_E (r, 1)`` in the base one). Fully trained leaves are ``"base"``.
+    ``lora_E (r, 1)`` in the base one). GLoRA's random-init halves are ``"base"``, its
+    zero-init halves, vectors and scalars ``"fast"``. Fully trained leaves are ``"base"``.
     """
 
     def leaf(t: Any) -> Any:
@@ -33,6 +41,7 @@ def lora_plus_labels(trainable: Any) -> Any:
                 b=FAST,
                 magnitude=None if t.magnitude is None else FAST,
                 singular=None if t.singular is None else BASE,
+                glora=None if t.glora is None else _glora_labels(t.glora),
             )
         return None if t is None else BASE
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ._glora import A_FORMS, ARRAYS, BIAS_FORMS, C_FORMS, part_shapes
 from ._safe_io import MAX_JSON_BYTES, MAX_JSON_DEPTH, check_declared_bytes, check_shape
 
 
@@ -98,6 +99,7 @@ def replace_dir(staging: pathlib.Path, path: pathlib.Path, suffix: str) -> None:
 
 
 _FACTOR_ARRAYS = ("a", "b", "magnitude", "singular")
+GLORA_ARRAYS = ARRAYS  # stored as glora_<name>
 
 
 def _axes(value: Any, where: str) -> tuple[int, ...]:
@@ -125,10 +127,36 @@ def _array_nbytes(info: Any, where: str) -> int:
     return math.prod(shape) * (2 if dtype is None else dtype.itemsize)
 
 
+def _check_glora_entry(g: Any, arrays: dict, a: list, b: list, ns: int, ni: int, where: str):
+    """GLoRA's forms and bias path, and that the stored glora_* arrays are what they need."""
+    ok = (
+        isinstance(g, dict)
+        and isinstance(g.get("forms"), list)
+        and len(g["forms"]) == 4
+        and all(isinstance(f, str) for f in g["forms"])
+        and (g.get("bias_path") is None or isinstance(g.get("bias_path"), str))
+    )
+    allowed = (A_FORMS, C_FORMS, BIAS_FORMS[:-1], BIAS_FORMS[:-1])
+    if not ok or not all(f in forms for f, forms in zip(g["forms"], allowed)):
+        raise ValueError(f"{where}: glora {g!r} is not valid GLoRA metadata; corrupted.")
+    shapes = part_shapes(
+        tuple(g["forms"]), tuple(a[:ns]), tuple(a[ns:-1]), tuple(b[ns + 1 :]), a[-1]
+    )
+    stored = {n[6:]: tuple(info["shape"]) for n, info in arrays.items() if n.startswith("glora_")}
+    if stored != shapes or (g["bias_path"] is None) == any(f != "none" for f in g["forms"][1:]):
+        raise ValueError(
+            f"{where}: GLoRA arrays {stored} / bias path {g['bias_path']!r} do not fit forms "
+            f"{g['forms']} (expected {shapes}); corrupted metadata."
+        )
+
+
 def _check_factor_entry(e: dict, where: str) -> None:
     arrays = e.get("arrays")
-    if not isinstance(arrays, dict) or not {"a", "b"} <= set(arrays) <= set(_FACTOR_ARRAYS):
-        raise ValueError(f"{where} has arrays {arrays!r}; expected a, b (+ magnitude/singular).")
+    glora = {f"glora_{n}" for n in GLORA_ARRAYS} if "glora" in e else set()
+    if not isinstance(arrays, dict) or not {"a", "b"} <= set(arrays) <= set(_FACTOR_ARRAYS) | glora:
+        raise ValueError(
+            f"{where} has arrays {arrays!r}; expected a, b (+ magnitude/singular/glora_*)."
+        )
     stack, ins, outs = (
         _axes(e.get(k), f"{where} {k}") for k in ("stack_axes", "in_axes", "out_axes")
     )
@@ -152,6 +180,8 @@ def _check_factor_entry(e: dict, where: str) -> None:
         )
     if a[-1] < 1:
         raise ValueError(f"{where}: rank {a[-1]} must be >= 1; corrupted metadata.")
+    if "glora" in e:
+        _check_glora_entry(e["glora"], arrays, a, b, ns, len(ins), where)
     alpha, dropout = e.get("alpha"), e.get("dropout")
     if not (
         isinstance(alpha, int | float) and not isinstance(alpha, bool) and math.isfinite(alpha)

@@ -99,6 +99,27 @@ def _check_overrides(overrides: Mapping[str, str | Override] | None) -> list[tup
     return out
 
 
+def _glora_specs(t: LoraFactors, entries: list, a_spec: Any, b_spec: Any, wrap: Any, own: Any):
+    """Shardings of GLoRA's parts: per-column parts follow the base's output axes, the
+    prompt its input axes, the low-rank A halves ``a`` and ``b``; scalars the stack axes."""
+    g = t.glora
+    stack = [entries[i] for i in t.stack_axes]
+    ins = [entries[i] for i in t.in_axes]
+    cols = PartitionSpec(*stack, *(entries[i] for i in t.out_axes))
+    per_form = lambda form: cols if form == "vector" else PartitionSpec(*stack)
+    specs = {
+        "scale": per_form(g.forms[0]),
+        "scale_in": a_spec,
+        "scale_out": b_spec,
+        "prompt": PartitionSpec(*stack, *ins),
+        "prompt_in": PartitionSpec(*stack, *ins, None),
+        "prompt_out": PartitionSpec(*stack, None),
+        "bias_scale": per_form(g.forms[2]),
+        "bias_shift": per_form(g.forms[3]),
+    }
+    return dataclasses.replace(g, **{n: wrap(specs[n], own) for n in g.arrays()})
+
+
 def factor_shardings(
     specs: Any,
     trainable: Any,
@@ -179,6 +200,9 @@ def factor_shardings(
                 b=wrap(b_spec, own),
                 magnitude=None if t.magnitude is None else wrap(col_spec, own),
                 singular=None if t.singular is None else wrap(PartitionSpec(*stack, None), own),
+                glora=None
+                if t.glora is None
+                else _glora_specs(t, entries, a_spec, b_spec, wrap, own),
             )
         )
     unused = [regex.pattern for (regex, _), u in zip(compiled, used) if not u]

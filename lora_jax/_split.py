@@ -14,6 +14,7 @@ import numpy as np
 
 from ._config import LoraRule, is_principal_init, match_rules
 from ._factors import LoraFactors, column_norm, lora_delta, wide_dtype
+from ._glora import bias_path_for, make_parts
 from ._init import principal_factors
 from ._qarray import QuantizedArray
 from ._tree import leaves_with_paths
@@ -146,6 +147,25 @@ def make_factors(
     return factors, base
 
 
+def _glora_bias(
+    path: str, rule: LoraRule, items: list, chosen: list
+) -> tuple[str, tuple[int, ...]] | None:
+    """``(path, shape)`` of the bias beside a GLoRA weight, or None if it has none."""
+    cfg = rule.glora
+    want = bias_path_for(path, cfg)
+    for (p, b), r in zip(items, chosen):
+        if p != want or b is None:
+            continue
+        if r is not None and (cfg.c, cfg.d, cfg.e) != ("none", "none", "none"):
+            raise ValueError(
+                f"'{path}': GLoRA's bias terms adapt '{p}', but rule {r.pattern!r} also targets "
+                f"it; exclude the bias from other rules or use lj.Glora(c='none', d='none', "
+                f"e='none')."
+            )
+        return p, tuple(b.shape)
+    return None
+
+
 def split(
     params: Any,
     rules: Sequence[LoraRule] | LoraRule,
@@ -247,6 +267,18 @@ def split(
         else:
             axes = resolve_axes(path, tuple(w.shape), rule, inferred.get(path))
             factors, base = make_factors(w, rule, axes, _leaf_key(key, path), path)
+            if rule.glora is not None:
+                bias = _glora_bias(path, rule, items, chosen)
+                parts = make_parts(
+                    rule.glora,
+                    rule,
+                    axes,
+                    tuple(w.shape),
+                    _leaf_key(key, path + "#glora"),
+                    path,
+                    bias,
+                )
+                factors = dataclasses.replace(factors, glora=parts)
             frozen_leaves.append(base)
             trainable_leaves.append(factors)
     treedef = jax.tree.structure(params, is_leaf=lambda x: isinstance(x, QuantizedArray))

@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 
 from ._factors import LoraFactors
-from ._tree import leaves_with_paths, nbytes
+from ._tree import factor_params, leaves_with_paths, nbytes
 
 
 @dataclasses.dataclass(frozen=True)
 class SummaryRow:
     path: str
-    kind: str  # "lora" or "full"
+    kind: str  # "lora", "dora", "adalora", "glora" or "full"
     shape: tuple[int, ...]
     rank: int | None
     scale: float | None
@@ -71,6 +71,14 @@ class LoraSummary:
         return "\n".join(out)
 
 
+def _kind(t: LoraFactors) -> str:
+    if t.glora is not None:
+        return "glora"
+    if t.magnitude is not None:
+        return "dora"
+    return "adalora" if t.singular is not None else "lora"
+
+
 def summary(frozen: Any, trainable: Any) -> LoraSummary:
     """Summarise a split. Works on concrete and abstract (``jax.eval_shape``) trees.
 
@@ -86,9 +94,9 @@ def summary(frozen: Any, trainable: Any) -> LoraSummary:
     rows = []
     for path, t in leaves_with_paths(trainable):
         if isinstance(t, LoraFactors):
-            n = int(np.prod(t.a.shape)) + int(np.prod(t.b.shape))
+            n = factor_params(t)
             rows.append(
-                SummaryRow(path, "lora", t.shape, t.rank, t.scale, n, int(np.prod(t.shape)))
+                SummaryRow(path, _kind(t), t.shape, t.rank, t.scale, n, int(np.prod(t.shape)))
             )
         elif t is not None:
             n = int(np.prod(t.shape))

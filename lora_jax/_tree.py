@@ -16,6 +16,7 @@ import numpy as np
 
 from ._config import path_str
 from ._factors import LoraFactors, column_norm, dora_weight, expand_columns, lora_delta, wide_dtype
+from ._glora import merged_bias, merged_weight, unmerged_bias, unmerged_weight
 from ._qarray import QuantizedArray
 
 
@@ -107,7 +108,9 @@ def merge(frozen: Any, trainable: Any, *, requantize: bool = False) -> Any:
                 return t
             return w if requantize else _dense(w)  # unadapted quantised leaves too
         dense = _dense(w)
-        if t.magnitude is not None:
+        if t.glora is not None:
+            out = merged_weight(dense, t)
+        elif t.magnitude is not None:
             out = dora_weight(dense, t)
         else:
             wide = wide_dtype(dense.dtype, t.a.dtype)
@@ -121,9 +124,14 @@ def merge(frozen: Any, trainable: Any, *, requantize: bool = False) -> Any:
 
     flat_f, treedef = jax.tree_util.tree_flatten_with_path(frozen, is_leaf=is_node)
     flat_t = treedef.flatten_up_to(trainable)
-    merged = jax.tree.unflatten(
-        treedef, [leaf(path_str(p), w, t) for (p, w), t in zip(flat_f, flat_t)]
-    )
+    paths = [path_str(p) for p, _ in flat_f]
+    out = [leaf(path, w, t) for path, (_, w), t in zip(paths, flat_f, flat_t)]
+    index = {p: i for i, p in enumerate(paths)}
+    for (_, w), t in zip(flat_f, flat_t):  # GLoRA's bias terms go into the layer's bias
+        if isinstance(t, LoraFactors) and t.glora is not None and t.glora.bias_path:
+            i = index[t.glora.bias_path]
+            out[i] = merged_bias(_dense(flat_f[i][1]), _dense(w), t)
+    merged = jax.tree.unflatten(treedef, out)
     return (merged, errors) if requantize else merged
 
 
@@ -156,6 +164,8 @@ def unmerge(merged: Any, trainable: Any, *, dora_norms: Any = None) -> Any:
                     f"'{path}': merged weight of shape {tuple(w.shape)} does not match factors "
                     f"adapting shape {t.shape}; pass the tree returned by lj.merge."
                 )
+            if t.glora is not None:
+                return unmerged_weight(w, t)
             wide = wide_dtype(w.dtype, t.a.dtype)
             full = w.astype(wide)
             if t.magnitude is not None:
@@ -185,6 +195,11 @@ def unmerge(merged: Any, trainable: Any, *, dora_norms: Any = None) -> Any:
     flat_m, treedef = jax.tree_util.tree_flatten_with_path(merged, is_leaf=is_node)
     flat_t = treedef.flatten_up_to(trainable)
     out = [leaf(path_str(p), w, t) for (p, w), t in zip(flat_m, flat_t)]
+    index = {p: i for i, p in enumerate(paths)}
+    for i, t in enumerate(flat_t):  # GLoRA: the bias is unmerged with the recovered W0
+        if isinstance(t, LoraFactors) and t.glora is not None and t.glora.bias_path:
+            j = index[t.glora.bias_path]
+            out[j] = unmerged_bias(flat_m[j][1], out[i], t)
     return jax.tree.unflatten(treedef, out)
 
 
@@ -193,12 +208,18 @@ def combine(frozen: Any, trainable: Any) -> Any:
     return map_pair(lambda w, t: t if w is None else w, frozen, trainable)
 
 
+def factor_params(t: LoraFactors) -> int:
+    """Trainable scalars of one factors leaf: a, b and any magnitude/singular/GLoRA parts."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+
+
 def count_params(tree: Any) -> int:
-    """Number of scalars in a tree (factors count a and b; quantised arrays their logical size)."""
+    """Number of scalars in a tree (factors count all their arrays; quantised arrays their
+    logical size)."""
     total = 0
     for leaf in jax.tree.leaves(tree, is_leaf=is_node):
         if isinstance(leaf, LoraFactors):
-            total += int(np.prod(leaf.a.shape)) + int(np.prod(leaf.b.shape))
+            total += factor_params(leaf)
         elif isinstance(leaf, QuantizedArray) or hasattr(leaf, "shape"):
             total += int(np.prod(leaf.shape))
     return total

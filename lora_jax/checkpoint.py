@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 
 from ._config import LoraRule
 from ._factors import LoraFactors
+from ._glora import Glora, GloraParts
 from ._qarray import QuantizedArray
 from ._safe_ckpt import (
     check_adapter_meta,
@@ -98,6 +99,7 @@ def _rule_to_json(rule: LoraRule) -> dict:
     out["param_dtype"] = jnp.dtype(rule.param_dtype).name
     for name in ("in_axes", "stack_axes"):
         out[name] = None if out[name] is None else list(out[name])
+    out["glora"] = None if rule.glora is None else dataclasses.asdict(rule.glora)
     return out
 
 
@@ -106,6 +108,9 @@ def _rule_from_json(d: dict) -> LoraRule:
     d["param_dtype"] = jnp.dtype(d["param_dtype"])
     for name in ("in_axes", "stack_axes"):
         d[name] = None if d[name] is None else tuple(d[name])
+    if d.get("glora") is not None:
+        d["glora"] = Glora(**d["glora"])
+    d["glora"] = d.get("glora") or False
     return LoraRule(**d)
 
 
@@ -146,9 +151,12 @@ def _structure(trainable: Any) -> Any:
 
 
 def _factor_arrays(t: LoraFactors) -> dict[str, Any]:
-    """The arrays of one factors leaf by name: a, b and magnitude/singular where present."""
+    """The arrays of one factors leaf by name: a, b, magnitude/singular and glora_* if present."""
     names = ("a", "b", "magnitude", "singular")
-    return {n: getattr(t, n) for n in names if getattr(t, n) is not None}
+    out = {n: getattr(t, n) for n in names if getattr(t, n) is not None}
+    if t.glora is not None:
+        out.update({f"glora_{n}": x for n, x in t.glora.arrays().items()})
+    return out
 
 
 def _pack(trainable, rules, base, step, metadata) -> tuple[dict, dict]:
@@ -177,6 +185,9 @@ def _pack(trainable, rules, base, step, metadata) -> tuple[dict, dict]:
                     "arrays": {n: _array_info(x) for n, x in _factor_arrays(t).items()},
                 }
             )
+            if t.glora is not None:
+                g = t.glora
+                entries[-1]["glora"] = {"forms": list(g.forms), "bias_path": g.bias_path}
             arrays[key] = _factor_arrays(t)
         elif isinstance(t, QuantizedArray) or not hasattr(t, "shape"):
             raise TypeError(
@@ -341,12 +352,20 @@ def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) ->
         else:
             like_arrays = _factor_arrays(x) if x is not None else {}
             got = {n: get(i, n, like_arrays.get(n)) for n in e["arrays"]}
+            glora = None
+            if "glora" in e:
+                glora = GloraParts(
+                    forms=tuple(e["glora"]["forms"]),
+                    bias_path=e["glora"]["bias_path"],
+                    **{n[6:]: x for n, x in got.items() if n.startswith("glora_")},
+                )
             values.append(
                 LoraFactors(
                     a=got["a"],
                     b=got["b"],
                     magnitude=got.get("magnitude"),
                     singular=got.get("singular"),
+                    glora=glora,
                     alpha=e["alpha"],
                     stack_axes=tuple(e["stack_axes"]),
                     in_axes=tuple(e["in_axes"]),

@@ -197,6 +197,11 @@ def save_pretrained(
                 )
                 full.append(module_prefix + tg.module)
             continue
+        if t.glora is not None:
+            raise ValueError(
+                f"'{path}': GLoRA factors have no PEFT format (PEFT has no GLoRA tuner); keep "
+                f"them in lj.save_adapters checkpoints or export lj.merge(frozen, trainable)."
+            )
         a, b = np.asarray(t.a), np.asarray(t.b)
         singular = None if t.singular is None else np.asarray(t.singular)
         magnitude = None if t.magnitude is None else np.asarray(t.magnitude)

@@ -44,6 +44,9 @@ DORA_FROZEN, DORA_TRAINABLE = lj.split(PARAMS, DORA_RULES, key=KEY)
 APPLY = lj.lora_apply(lambda p, x: x @ p["q"]["kernel"])
 X = jnp.ones((1, 16))
 SPECS = {"q": {"kernel": P("data", "model")}, "bias": P()}
+GLORA_PARAMS = {"q": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)}}
+GLORA_RULES = [lj.LoraRule("q/kernel", rank=2, glora=True)]
+GLORA_FROZEN, GLORA_TRAINABLE = lj.split(GLORA_PARAMS, GLORA_RULES, key=KEY)
 
 
 class Case(NamedTuple):
@@ -136,7 +139,30 @@ CASES = [
          r"full=True trains the leaf fully; drop rank/alpha"),
     Case("LoraRule", "dora-and-adalora", lambda d: lj.LoraRule(S, rank=2, dora=True, adalora=True),
          ValueError, r"dora and adalora cannot be combined; pick one"),
+    Case("LoraRule", "glora-str", lambda d: lj.LoraRule(S, rank=2, glora="yes"), TypeError,
+         r"glora must be True, False or lj.Glora\(...\), got 'yes'"),
+    Case("LoraRule", "glora-and-dora", lambda d: lj.LoraRule(S, rank=2, glora=True, dora=True),
+         ValueError, r"dora and glora cannot be combined; pick one"),
+    Case("LoraRule", "glora-pissa", lambda d: lj.LoraRule(S, rank=2, glora=True, init="pissa"),
+         ValueError, r"glora starts every support tensor at zero; init='pissa' would replace"),
+    Case("Glora", "form-unknown", lambda d: lj.Glora(a="diag"), ValueError,
+         r"Glora\(a='diag'\): a must be one of \('lowrank', 'vector', 'scalar', 'none'\)"),
+    Case("Glora", "bias-form-lowrank", lambda d: lj.Glora(d="lowrank"), ValueError,
+         r"Glora\(d='lowrank'\): d must be one of \('vector', 'scalar', 'none', 'auto'\)"),
+    Case("Glora", "bias-key-path", lambda d: lj.Glora(bias="q/bias"), ValueError,
+         r"Glora\(bias='q/bias'\) must be the bias leaf's key, e.g. 'bias'"),
     # ---- split --------------------------------------------------------------------------
+    Case("split", "glora-bias-terms-no-bias", lambda d: lj.split(
+         {"q": {"kernel": jnp.ones((16, 8))}}, [lj.LoraRule(S, rank=2, glora=lj.Glora(e="vector"))],
+         key=KEY), ValueError, r"'q/kernel': GLoRA's C, D and E are bias terms but there is no "
+         r"'bias' leaf .* use lj.Glora\(c='none', d='none', e='none'\)"),
+    Case("split", "glora-bias-shape", lambda d: lj.split(
+         {"q": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(16)}}, GLORA_RULES, key=KEY),
+         ValueError, r"'q/kernel': its bias 'q/bias' has shape \(16,\) but GLoRA needs the "
+         r"weight's stacked output shape \(8,\); set lj.Glora\(bias=...\)"),
+    Case("split", "glora-bias-trained", lambda d: lj.split(GLORA_PARAMS, GLORA_RULES + [
+         lj.LoraRule("q/bias", full=True)], key=KEY), ValueError,
+         r"'q/kernel': GLoRA's bias terms adapt 'q/bias', but rule 'q/bias' also targets it"),
     Case("split", "empty-tree", lambda d: lj.split({}, RULES, key=KEY), ValueError,
          r"params is an empty tree; nothing to adapt"),
     Case("split", "params-none", lambda d: lj.split(None, RULES, key=KEY), ValueError,
@@ -204,6 +230,10 @@ CASES = [
     Case("lora_apply", "argnum-out-of-range", lambda d: lj.lora_apply(
          lambda p, x: x @ p["q"]["kernel"], argnum=5)(FROZEN, TRAINABLE, X), ValueError,
          r"argnum=5 .* 1 positional argument"),
+    Case("lora_apply", "glora-bias-terms-summed", lambda d: lj.lora_apply(
+         lambda p, x: jnp.sum(p["q"]["kernel"]) + x)(GLORA_FROZEN, GLORA_TRAINABLE, 1.0),
+         lj.LoraFactoringError, r"'q/kernel' \(view shape \(16, 8\)\) carries GLoRA bias terms "
+         r".* by 'reduce_sum'.* Use lj.Glora\(c='none', d='none', e='none'\)"),
     Case("lora_apply", "dropout-rng-materialize", lambda d: lj.lora_apply(
          lambda p, x: x @ p["q"]["kernel"], materialize=True)(*lj.split(PARAMS, [lj.LoraRule(
              S, rank=2, dropout=0.1)], key=KEY), X, rng=KEY), ValueError,
@@ -364,6 +394,13 @@ CASES = [
          r"no key_map entry for 'q/kernel': .*no PEFT_KEY_MAP entry for our path 'q/kernel'"),
     Case("peft.save_pretrained", "key-map-none", lambda d: lj.peft.save_pretrained(
          d, TRAINABLE, key_map=None), TypeError, r"save_pretrained: key_map is a NoneType"),
+    Case("peft.save_pretrained", "glora", lambda d: lj.peft.save_pretrained(d, GLORA_TRAINABLE,
+         key_map=KeyMap((KeyEntry("q/kernel", "q.weight", "linear"),))), ValueError,
+         r"'q/kernel': GLoRA factors have no PEFT format .* export lj.merge\(frozen, trainable\)"),
+    Case("stack_adapters", "glora", lambda d: lj.stack_adapters([GLORA_TRAINABLE] * 2),
+         ValueError, r"'q/kernel': stack_adapters works on low-rank updates .* GLoRA factors"),
+    Case("combine_adapters", "dora", lambda d: lj.combine_adapters([DORA_TRAINABLE] * 2, [1, 1]),
+         ValueError, r"'q/kernel': combine_adapters works on low-rank updates .* DoRA factors"),
     Case("peft.save_pretrained", "mixed-rslora", lambda d: lj.peft.save_pretrained(d, lj.split(
          {"a": jnp.ones((8, 4)), "b": jnp.ones((8, 4))}, [lj.LoraRule("a", rank=2, rslora=True),
          lj.LoraRule("b", rank=2)], key=KEY)[1], key_map=KeyMap((KeyEntry("a", "a.weight",
