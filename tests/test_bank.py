@@ -1,5 +1,7 @@
 """AdapterBank, AdapterSet, combine_adapters: mixed batches, slots, recompiles, combinations."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -412,3 +414,23 @@ def test_adapter_set_errors():
         adapters.add("b", t)
     with pytest.raises(KeyError, match=r"no adapter named 'z'; have \['a'\]"):
         adapters.set_active("z")
+
+
+def test_adalora_singular_values_survive_banks_and_combinations():
+    params = {"w": jax.random.normal(jax.random.key(0), (8, 6))}
+    f = lambda p, x: x @ p["w"]  # noqa: E731
+    adapters = []
+    for i in range(2):
+        frozen, t = lj.split(params, lj.LoraRule("w", rank=3, adalora=True), key=jax.random.key(i))
+        w = t["w"]
+        singular = jax.random.normal(jax.random.key(10 + i), w.singular.shape)
+        adapters.append({"w": dataclasses.replace(w, singular=singular)})
+    x = jax.random.normal(jax.random.key(5), (2, 8))
+    want = [f(lj.merge(frozen, t), x) for t in adapters]  # W0 + scale * a diag(s) b
+    bank = lj.stack_adapters(adapters)
+    got = lj.lora_apply(f)(frozen, bank, x, adapter_ids=jnp.array([1, 2]))
+    np.testing.assert_allclose(got, jnp.stack([want[0][0], want[1][1]]), rtol=1e-5, atol=1e-5)
+    comb = lj.combine_adapters(adapters, [1.0, 1.0])
+    np.testing.assert_allclose(
+        f(lj.merge(frozen, comb), x), want[0] + want[1] - f(params, x), rtol=1e-5, atol=1e-5
+    )

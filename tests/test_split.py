@@ -350,3 +350,15 @@ def test_split_on_sharded_params_keeps_the_residual_base(init):
     )
     assert frozen["w"].sharding.spec == P("fsdp", "model")
     np.testing.assert_allclose(lj.merge(frozen, trainable)["w"], w, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "variant, extra",
+    [({}, 0), ({"dora": True}, 8), ({"adalora": True}, 2)],
+    ids=["lora", "dora-magnitude", "adalora-singular"],
+)
+def test_counts_include_every_factor_array(variant, extra):
+    params = {"w": jnp.ones((16, 8))}
+    frozen, trainable = lj.split(params, lj.LoraRule("w", rank=2, **variant), key=jax.random.key(0))
+    expected = 16 * 2 + 2 * 8 + extra
+    assert lj.count_params(trainable) == lj.summary(frozen, trainable).trainable_params == expected
