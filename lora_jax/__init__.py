@@ -5,9 +5,9 @@ from . import peft as peft
 from ._adalora import AdaLoraState as AdaLoraState
 from ._adalora import RankAllocator as RankAllocator
 from ._adalora import orthogonal_regularizer as orthogonal_regularizer
+from ._adapter_set import AdapterSet as AdapterSet
 from ._apply import lora_apply as lora_apply
 from ._bank import AdapterBank as AdapterBank
-from ._bank import AdapterSet as AdapterSet
 from ._bank import stack_adapters as stack_adapters
 from ._combine import combine_adapters as combine_adapters
 from ._config import LoraRule as LoraRule

@@ -22,6 +22,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 from . import _implicit as im
+from . import _lowrank as lr
 from ._implicit import Adapted, Deferred, Unfactorable
 
 
@@ -188,24 +189,20 @@ def _dot(eqn: Any, invals: Sequence[Any], ctx: Context) -> list[Any]:
         out = jax.checkpoint(lambda x, q: base_dot(x, Deferred(q, w.base.ops).value()))(x, w.base.q)
     else:
         out = base_dot(x, w.base)
+    _, ws, letters = lr.dot_letters(x.ndim, len(w.shape), x_is_lhs, p["dimension_numbers"])
     if w.col is not None:
-        xs, ws, letters = im._dot_letters(x.ndim, len(w.shape), x_is_lhs, p["dimension_numbers"])
         if not all(ws[ax] in letters for ax in w.col_axes):  # a contracted column cannot scale
-            return _bind(
-                eqn,
-                [x, ctx.fallback(w, "dot_general", "DoRA column contracted")]
-                if x_is_lhs
-                else [ctx.fallback(w, "dot_general", "DoRA column contracted"), x],
-            )
+            why = "a per-column scale (DoRA, GLoRA's A) on a contracted axis"
+            dense = ctx.fallback(w, "dot_general", why)
+            return _bind(eqn, [x, dense] if x_is_lhs else [dense, x])
         out = out * im.broadcast_col(w.col, w.col_axes, ws, letters).astype(out.dtype)
     if w.shift is not None:
-        xs, ws, letters = im._dot_letters(x.ndim, len(w.shape), x_is_lhs, p["dimension_numbers"])
         if not all(ws[ax] in letters for ax in w.shift_axes):
             ctx.fallback(w, "dot_general", "an output column of the weight is contracted")
         out = out + im.broadcast_col(w.shift, w.shift_axes, ws, letters).astype(out.dtype)
     if not w.has_factors:
         return [out]
-    low = im.lowrank_dot(
+    low = lr.lowrank_dot(
         x,
         w,
         x_is_lhs,
@@ -245,7 +242,7 @@ def _conv(eqn: Any, invals: Sequence[Any], ctx: Context) -> list[Any]:
     if not w.has_factors:
         return [out]
     try:
-        low = im.lowrank_conv(x, w, eqn.params, ctx.next_key())
+        low = lr.lowrank_conv(x, w, eqn.params, ctx.next_key())
     except Unfactorable as e:
         return _bind(eqn, [x, ctx.fallback(w, "conv_general_dilated", str(e))])
     return [out + low.astype(out.dtype)]

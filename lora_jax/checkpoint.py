@@ -19,7 +19,6 @@ path: they agree on one staging name, each writes its shards, and process 0 rena
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import pathlib
@@ -28,14 +27,27 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from ._ckpt_meta import (
+    array_info,
+    as_fingerprint,
+    check_base,
+    check_fits,
+    decode_structure,
+    encode_structure,
+    factor_arrays,
+    leaves_of_like,
+    restore_target,
+    rule_from_json,
+    rule_to_json,
+)
+from ._ckpt_meta import fingerprint as fingerprint  # public: lj.checkpoint.fingerprint
 from ._config import LoraRule
 from ._factors import LoraFactors
-from ._glora import Glora, GloraParts
+from ._glora import GloraParts
 from ._qarray import QuantizedArray
 from ._safe_ckpt import (
     check_adapter_meta,
@@ -49,114 +61,6 @@ from ._tree import is_node, leaves_with_paths
 
 FORMAT = "lora_jax.adapters"
 FORMAT_VERSION = 1
-
-
-def fingerprint(frozen: Any, *, content: bool = False) -> dict:
-    """A JSON-able summary of a frozen base: every path with its shape and dtype.
-
-    Args:
-        frozen: the frozen tree from :func:`lora_jax.split` (``None`` at fully trained leaves).
-        content: also hash the bytes of every leaf (reads the whole base to the host).
-
-    Returns:
-        ``{"leaves": [[path, shape or None, dtype or None], ...], "sha256": str or None}``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> fingerprint({"w": jnp.zeros((2, 3)), "head": None})["leaves"]
-        [['head', None, None], ['w', [2, 3], 'float32']]
-    """
-    digest = hashlib.sha256() if content else None
-    leaves = []
-    for path, w in leaves_with_paths(frozen):
-        if w is None:
-            leaves.append([path, None, None])
-            continue
-        leaves.append([path, [int(d) for d in w.shape], jnp.dtype(w.dtype).name])
-        if digest is not None:
-            for x in jax.tree.leaves(w):
-                digest.update(np.ascontiguousarray(np.asarray(x)).tobytes())
-    return {"leaves": leaves, "sha256": None if digest is None else digest.hexdigest()}
-
-
-def _is_fingerprint(base: Any) -> bool:
-    return isinstance(base, dict) and set(base) == {"leaves", "sha256"}
-
-
-def _as_fingerprint(base: Any) -> dict:
-    return base if _is_fingerprint(base) else fingerprint(base)
-
-
-def _array_info(x: Any) -> dict:
-    info = {"shape": [int(d) for d in x.shape], "dtype": jnp.dtype(x.dtype).name}
-    if getattr(x, "is_fully_addressable", True):
-        info["sha256"] = hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
-    return info
-
-
-def _rule_to_json(rule: LoraRule) -> dict:
-    out = {f.name: getattr(rule, f.name) for f in dataclasses.fields(rule)}
-    out["param_dtype"] = jnp.dtype(rule.param_dtype).name
-    for name in ("in_axes", "stack_axes"):
-        out[name] = None if out[name] is None else list(out[name])
-    out["glora"] = None if rule.glora is None else dataclasses.asdict(rule.glora)
-    return out
-
-
-def _rule_from_json(d: dict) -> LoraRule:
-    d = dict(d)
-    d["param_dtype"] = jnp.dtype(d["param_dtype"])
-    for name in ("in_axes", "stack_axes"):
-        d[name] = None if d[name] is None else tuple(d[name])
-    if d.get("glora") is not None:
-        d["glora"] = Glora(**d["glora"])
-    d["glora"] = d.get("glora") or False
-    return LoraRule(**d)
-
-
-class _Slot:
-    """Placeholder leaf used to record and rebuild a tree's structure."""
-
-
-def _encode(node: Any) -> Any:
-    if is_node(node) or hasattr(node, "shape"):
-        return "leaf"
-    if type(node) is dict:
-        return {"dict": [[k, _encode(node[k])] for k in sorted(node)]}
-    if type(node) in (list, tuple):
-        return {type(node).__name__: [_encode(x) for x in node]}
-    raise TypeError(type(node).__name__)
-
-
-def _decode(enc: Any) -> Any:
-    if enc == "leaf":
-        return _Slot()
-    if "dict" in enc:
-        return {k: _decode(v) for k, v in enc["dict"]}
-    kind, items = next(iter(enc.items()))
-    seq = [_decode(x) for x in items]
-    return seq if kind == "list" else tuple(seq)
-
-
-def _structure(trainable: Any) -> Any:
-    """JSON form of the tree structure, or None when it holds custom pytree nodes."""
-    try:
-        enc = _encode(trainable)
-    except TypeError:
-        return None
-    skeleton = jax.tree.map(lambda _: _Slot(), trainable, is_leaf=is_node)
-    rebuilt = _decode(enc)
-    same = jax.tree.structure(skeleton) == jax.tree.structure(rebuilt)
-    return enc if same else None
-
-
-def _factor_arrays(t: LoraFactors) -> dict[str, Any]:
-    """The arrays of one factors leaf by name: a, b, magnitude/singular and glora_* if present."""
-    names = ("a", "b", "magnitude", "singular")
-    out = {n: getattr(t, n) for n in names if getattr(t, n) is not None}
-    if t.glora is not None:
-        out.update({f"glora_{n}": x for n, x in t.glora.arrays().items()})
-    return out
 
 
 def _pack(trainable, rules, base, step, metadata) -> tuple[dict, dict]:
@@ -182,120 +86,35 @@ def _pack(trainable, rules, base, step, metadata) -> tuple[dict, dict]:
                     "out_axes": list(t.out_axes),
                     "rslora": bool(t.rslora),
                     "dropout": float(t.dropout),
-                    "arrays": {n: _array_info(x) for n, x in _factor_arrays(t).items()},
+                    "arrays": {n: array_info(x) for n, x in factor_arrays(t).items()},
                 }
             )
             if t.glora is not None:
                 g = t.glora
                 entries[-1]["glora"] = {"forms": list(g.forms), "bias_path": g.bias_path}
-            arrays[key] = _factor_arrays(t)
+            arrays[key] = factor_arrays(t)
         elif isinstance(t, QuantizedArray) or not hasattr(t, "shape"):
             raise TypeError(
                 f"'{path}': trainable leaf of type {type(t).__name__} cannot be saved; the "
                 f"trainable tree holds LoraFactors, arrays and None (from lj.split)."
             )
         else:
-            entries.append({"path": path, "kind": "array", "arrays": {"w": _array_info(t)}})
+            entries.append({"path": path, "kind": "array", "arrays": {"w": array_info(t)}})
             arrays[key] = {"w": t}
-    base_fp = _as_fingerprint(base)
-    _check_fits(base_fp, entries, "the base passed to save_adapters")
+    base_fp = as_fingerprint(base)
+    check_fits(base_fp, entries, "the base passed to save_adapters")
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "lora_jax_version": __version__,
-        "structure": _structure(trainable),
+        "structure": encode_structure(trainable),
         "leaves": entries,
-        "rules": [_rule_to_json(r) for r in rules],
+        "rules": [rule_to_json(r) for r in rules],
         "base": base_fp,
         "step": None if step is None else int(step),
         "metadata": metadata,
     }
     return arrays, meta
-
-
-def _entry_shape(entry: dict) -> tuple[int, ...] | None:
-    """Shape of the base weight an entry adapts (None for holes and trained leaves)."""
-    if entry["kind"] != "factors":
-        return None
-    a, b = entry["arrays"]["a"]["shape"], entry["arrays"]["b"]["shape"]
-    ns = len(entry["stack_axes"])
-    sizes = dict(zip(entry["stack_axes"], a[:ns]))
-    sizes.update(zip(entry["in_axes"], a[ns:-1]))
-    sizes.update(zip(entry["out_axes"], b[ns + 1 :]))
-    return tuple(sizes[i] for i in range(len(sizes)))
-
-
-def _check_fits(fp: dict, entries: list[dict], what: str) -> None:
-    """Raise naming the first path where the adapter entries do not fit a base fingerprint."""
-    base = {p: (s, d) for p, s, d in fp["leaves"]}
-    paths = [p for p, _, _ in fp["leaves"]]
-    mine = [e["path"] for e in entries]
-    if paths != mine:
-        for i, (p, q) in enumerate(zip(paths + [None], mine + [None])):
-            if p != q:
-                raise ValueError(
-                    f"adapter does not fit {what}: at leaf {i} the base has {p!r} but the adapter "
-                    f"has {q!r}; load onto the model the adapter was trained on."
-                )
-    for e in entries:
-        shape, _ = base[e["path"]]
-        want = _entry_shape(e)
-        if e["kind"] == "factors" and (shape is None or tuple(shape) != want):
-            raise ValueError(
-                f"adapter does not fit {what}: '{e['path']}' has shape "
-                f"{None if shape is None else tuple(shape)} in the base but the adapter's factors "
-                f"adapt shape {want}; load onto the model the adapter was trained on."
-            )
-        if e["kind"] == "array" and shape is not None:
-            raise ValueError(
-                f"adapter does not fit {what}: '{e['path']}' is trained fully by the adapter but "
-                f"the base holds a weight there; pass the frozen tree from lj.split."
-            )
-
-
-def _check_base(stored: dict, base: Any, entries: list[dict]) -> None:
-    fp = _as_fingerprint(base)
-    _check_fits(fp, entries, "base")
-    if stored["sha256"] is not None and not _is_fingerprint(base):
-        fp = fingerprint(base, content=True)
-    if stored["sha256"] is not None and fp["sha256"] not in (None, stored["sha256"]):
-        raise ValueError(
-            f"base content hash {fp['sha256'][:12]}... differs from the one saved with the "
-            f"adapter ({stored['sha256'][:12]}...): same shapes, different weights. Load onto "
-            f"the base the adapter was trained on."
-        )
-
-
-def _target(info: dict, like_leaf: Any) -> jax.ShapeDtypeStruct:
-    sharding = getattr(like_leaf, "sharding", None)
-    if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.ShapeDtypeStruct(tuple(info["shape"]), jnp.dtype(info["dtype"]), sharding=sharding)
-
-
-def _kind_and_shapes(x: Any) -> tuple[str, Any]:
-    if x is None:
-        return "none", None
-    if isinstance(x, LoraFactors):
-        return "factors", tuple(tuple(v.shape) for v in _factor_arrays(x).values())
-    return "array", (tuple(x.shape),)
-
-
-def _like_leaves(like: Any, entries: list[dict]) -> list[Any]:
-    items = leaves_with_paths(like)
-    for i in range(max(len(items), len(entries))):
-        path, x = items[i] if i < len(items) else (None, None)
-        e = entries[i] if i < len(entries) else {"path": None, "kind": "none"}
-        kind, got = _kind_and_shapes(x)
-        names = tuple(e["arrays"]) if e["kind"] != "none" else ()
-        want = tuple(tuple(e["arrays"][n]["shape"]) for n in names) or None
-        if path != e["path"] or kind != e["kind"] or got != want:
-            raise ValueError(
-                f"like= does not match the checkpoint at leaf {i}: like has {path!r} ({kind}, "
-                f"shapes {got}) where the checkpoint has {e['path']!r} ({e['kind']}, shapes "
-                f"{want}); build like from the same lj.split call (e.g. with jax.eval_shape)."
-            )
-    return [x for _, x in items]
 
 
 def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) -> Any:
@@ -308,9 +127,9 @@ def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) ->
     check_adapter_meta(meta, f"{where}/meta", FORMAT_VERSION)
     entries = meta["leaves"]
     if base is not None:
-        _check_base(meta["base"], base, entries)
+        check_base(meta["base"], base, entries)
     if like is not None:
-        like_leaves = _like_leaves(like, entries)
+        like_leaves = leaves_of_like(like, entries)
     elif meta["structure"] is None:
         raise ValueError(
             f"{where} holds a tree with custom pytree nodes whose structure cannot be stored; "
@@ -321,12 +140,12 @@ def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) ->
     abstract = {}
     for i, (e, x) in enumerate(zip(entries, like_leaves)):
         if e["kind"] == "factors":
-            like_arrays = _factor_arrays(x) if x is not None else {}
+            like_arrays = factor_arrays(x) if x is not None else {}
             abstract[f"{i:05d}"] = {
-                n: _target(info, like_arrays.get(n)) for n, info in e["arrays"].items()
+                n: restore_target(info, like_arrays.get(n)) for n, info in e["arrays"].items()
             }
         elif e["kind"] == "array":
-            abstract[f"{i:05d}"] = {"w": _target(e["arrays"]["w"], x)}
+            abstract[f"{i:05d}"] = {"w": restore_target(e["arrays"]["w"], x)}
     try:
         arrays = restore(ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))["arrays"]
     except Exception as e:
@@ -350,7 +169,7 @@ def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) ->
         elif e["kind"] == "array":
             values.append(get(i, "w", x))
         else:
-            like_arrays = _factor_arrays(x) if x is not None else {}
+            like_arrays = factor_arrays(x) if x is not None else {}
             got = {n: get(i, n, like_arrays.get(n)) for n in e["arrays"]}
             glora = None
             if "glora" in e:
@@ -374,7 +193,7 @@ def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) ->
                     dropout=e["dropout"],
                 )
             )
-    skeleton = like if like is not None else _decode(meta["structure"])
+    skeleton = like if like is not None else decode_structure(meta["structure"])
     return jax.tree.unflatten(jax.tree.structure(skeleton, is_leaf=is_node), values)
 
 
@@ -483,7 +302,7 @@ def read_info(path: str | os.PathLike) -> dict:
     check_adapter_meta(meta, f"{path}/meta", FORMAT_VERSION)
     meta = dict(meta)
     try:
-        meta["rules"] = [_rule_from_json(r) for r in meta["rules"]]
+        meta["rules"] = [rule_from_json(r) for r in meta["rules"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}/meta: a stored rule is invalid ({e}); corrupted metadata.") from e
     return meta
