@@ -1,4 +1,4 @@
-"""LoRA variants on the flagship task: LoRA, rsLoRA (r=64), DoRA, AdaLoRA and PiSSA.
+"""LoRA variants on the flagship task: LoRA, rsLoRA (r=64), DoRA, AdaLoRA, GLoRA and PiSSA.
 
 all-MiniLM-L6-v2 + Rotten Tomatoes with the demo's recipe (query/value adapters plus a fully
 trained 2-way head on the mean-pooled output, batch 32, at most 64 tokens, AdamW with weight
@@ -6,6 +6,9 @@ decay 0.01 and a one-cycle schedule peaking at 2e-3, 1,000 held-out sentences of
 shuffle). Every variant has scale 2 (alpha = 2r; rsLoRA alpha = 16, so alpha/sqrt(64) = 2).
 AdaLoRA starts at rank 12 per matrix and prunes to an average of 8 (tinit 10%, tfinal 20% of
 the steps, reallocation every 5 steps), with PEFT's orthogonality penalty (weight 0.5).
+GLoRA runs twice: lora_jax's fixed configuration (A a per-column vector, B rank 8, C none,
+D and E vectors on the query/value biases) and one with a low-rank A and a vector C, the
+form whose elementwise product with W0 the engine has to form densely.
 
 XLA runs in one CPU thread (so the step times do not depend on what else the machine
 runs); after training, every variant's jitted step runs on the same 32 x 64 batch, round by
@@ -61,6 +64,11 @@ VARIANTS = (
     Variant("rsLoRA r=64", {"rank": 64, "alpha": 16.0, "init": "kaiming", "rslora": True}),
     Variant("DoRA r=8", {"rank": 8, "alpha": 16.0, "init": "kaiming", "dora": True}),
     Variant("AdaLoRA r=12->8", {"rank": 12, "alpha": 24.0, "adalora": True}, adalora=True),
+    Variant("GLoRA r=8", {"rank": 8, "alpha": 16.0, "init": "kaiming", "glora": True}),
+    Variant(
+        "GLoRA r=8, low-rank A",
+        {"rank": 8, "alpha": 16.0, "init": "kaiming", "glora": lj.Glora(a="lowrank", c="vector")},
+    ),
     Variant("PiSSA r=8", {"rank": 8, "alpha": 16.0, "init": "pissa"}),
 )
 
@@ -130,7 +138,7 @@ def setup(variant: Variant, params: dict, cfg, args):
 
 
 def adapter_params(trainable) -> int:
-    """Trainable scalars in the adapters (a, b, magnitude, singular), the head excluded."""
+    """Trainable scalars in the adapters (a, b and any variant's parts), the head excluded."""
     return sum(
         sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
         for _, t in lj._tree.leaves_with_paths(trainable)
