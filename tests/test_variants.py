@@ -960,6 +960,8 @@ def test_experiment_smoke():
         "rsLoRA r=64",
         "DoRA r=8",
         "AdaLoRA r=12->8",
+        "GLoRA r=8",
+        "GLoRA r=8, low-rank A",
         "PiSSA r=8",
     ]
     params = {r.split(" | ")[0][2:]: int(r.split(" | ")[2].replace(",", "")) for r in rows}
@@ -968,4 +970,6 @@ def test_experiment_smoke():
     assert params["rsLoRA r=64"] == qv * 64 * 768
     assert params["DoRA r=8"] == qv * (8 * 768 + 384)
     assert params["AdaLoRA r=12->8"] == qv * (12 * 768 + 12)
+    assert params["GLoRA r=8"] == qv * (8 * 768 + 3 * 384)  # B; A, D, E vectors
+    assert params["GLoRA r=8, low-rank A"] == qv * (2 * 8 * 768 + 3 * 384)  # B, A; C, D, E
     assert "1.00x" in rows[0]
