@@ -86,7 +86,9 @@ def _dense(w: Any) -> Any:
 def merge(frozen: Any, trainable: Any, *, requantize: bool = False) -> Any:
     """A plain parameter tree: ``W0 + scale * a @ b`` at adapted leaves, trained leaves filled in.
 
-    Each merged weight keeps the base's dtype (the sum is formed in float32 or wider).
+    DoRA and GLoRA leaves get their dense weights; GLoRA's bias terms are folded into the
+    layer's bias leaf. Each merged weight keeps the base's dtype (the sum is formed in float32
+    or wider).
     Every quantised leaf is dequantised. With ``requantize=True`` quantised leaves stay
     quantised (an adapted one is quantised again in the base's format) and
     ``(merged, errors)`` is returned, where ``errors`` maps each requantised path to the
