@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from peft_helpers import TOL, check_peft_loads, our_outputs, torch_outputs
 from safetensors.numpy import load_file, save_file
 
 import lora_jax as lj
@@ -18,8 +19,6 @@ from lora_jax.models import bert, llama
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-TOL = 1e-4  # float32 torch vs float32 XLA over two layers
 
 
 @pytest.fixture(scope="module")
@@ -41,28 +40,6 @@ def llama_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama")
     transformers.LlamaForCausalLM(cfg).eval().save_pretrained(d)
     return d
-
-
-IDS = np.array([[5, 17, 3, 40, 9, 22], [1, 2, 60, 33, 7, 0]])
-MASK = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
-
-
-def _bert_ours(d, frozen, trainable):
-    params, cfg = bert.load(d)
-    fwd = jax.jit(lj.lora_apply(lambda p, i, m: bert.forward(p, cfg, i, m)))
-    return np.asarray(fwd(frozen, trainable, jnp.asarray(IDS), jnp.asarray(MASK)))
-
-
-def _llama_ours(d, frozen, trainable):
-    _, cfg = llama.load(d)
-    fwd = jax.jit(lj.lora_apply(lambda p, i, m: llama.forward(p, cfg, i, m)))
-    return np.asarray(fwd(frozen, trainable, jnp.asarray(IDS), jnp.asarray(MASK)))
-
-
-def _torch_out(model):
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK))
-    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
 
 
 def _peft_adapter(model, tmp, **kwargs):
@@ -98,9 +75,9 @@ def test_peft_to_ours_bert(bert_dir, tmp_path, kwargs):
     trainable = lj.peft.load_pretrained(tmp_path, params, key_map=bert.PEFT_KEY_MAP)
     q1 = trainable["encoder"]["layer_1"]["attention"]["query"]["kernel"]
     assert q1.rank == (2 if "rank_pattern" in kwargs else 4)
-    ours = _bert_ours(bert_dir, params, trainable)
-    ref = _torch_out(pm)
-    base = _torch_out(model)
+    ours = our_outputs(bert, bert_dir, params, trainable)
+    ref = torch_outputs(pm)
+    base = torch_outputs(model)
     assert np.abs(ref - base).max() > 1e-2  # the adapter changes the output
     np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
 
@@ -121,9 +98,11 @@ def test_peft_to_ours_llama_stacked_modules_to_save(llama_dir, tmp_path):
     att = trainable["layers"]["attention"]
     assert att["v_proj"]["kernel"].a.shape == (2, 32, 2) and att["q_proj"]["kernel"].alpha == 16
     assert att["k_proj"]["kernel"] is None and trainable["lm_head"]["kernel"].shape == (32, 128)
-    ref = _torch_out(pm)
-    assert np.abs(ref - _torch_out(model)).max() > 1e-2
-    np.testing.assert_allclose(_llama_ours(llama_dir, frozen, trainable), ref, atol=TOL, rtol=0)
+    ref = torch_outputs(pm)
+    assert np.abs(ref - torch_outputs(model)).max() > 1e-2
+    np.testing.assert_allclose(
+        our_outputs(llama, llama_dir, frozen, trainable), ref, atol=TOL, rtol=0
+    )
 
 
 def _randomise(trainable, seed=0, scale=0.3):
@@ -138,15 +117,6 @@ def _randomise(trainable, seed=0, scale=0.3):
         else:
             out.append(t + 0.1 * jax.random.normal(k1, t.shape, t.dtype))
     return jax.tree.unflatten(treedef, out)
-
-
-def _check_peft_loads_ours(model, adapter_dir, ours):
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), adapter_dir).eval()
-    ref = _torch_out(pm)
-    assert np.abs(ref - _torch_out(model)).max() > 1e-2
-    np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
-    merged = pm.merge_and_unload()
-    np.testing.assert_allclose(ours, _torch_out(merged), atol=TOL, rtol=0)
 
 
 BERT_RULES = [
@@ -176,7 +146,7 @@ def test_ours_to_peft_bert_rslora_mixed_ranks(bert_dir, tmp_path):
     assert cfg["alpha_pattern"] == {"encoder.layer.1.output.dense": 6}
     assert cfg["init_lora_weights"] == "gaussian"
     model = transformers.BertModel.from_pretrained(bert_dir, add_pooling_layer=False).eval()
-    _check_peft_loads_ours(model, tmp_path, _bert_ours(bert_dir, frozen, trainable))
+    check_peft_loads(model, tmp_path, our_outputs(bert, bert_dir, frozen, trainable))
     # And back: our own file loads bit-exactly.
     back = lj.peft.load_pretrained(tmp_path, frozen, key_map=bert.PEFT_KEY_MAP)
     for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(trainable)):
@@ -207,7 +177,7 @@ def test_ours_to_peft_llama_stacked(llama_dir, tmp_path):
         "model.layers.1.input_layernorm",
     ]
     model = transformers.LlamaForCausalLM.from_pretrained(llama_dir).eval()
-    _check_peft_loads_ours(model, tmp_path, _llama_ours(llama_dir, frozen, trainable))
+    check_peft_loads(model, tmp_path, our_outputs(llama, llama_dir, frozen, trainable))
     back = lj.peft.load_pretrained(tmp_path, frozen, key_map=llama.PEFT_KEY_MAP)
     for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(trainable)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -22,6 +22,7 @@ import lora_jax as lj
 from lora_jax.models import bert, gpt
 
 sys.path.insert(0, str(Path(__file__).parent))
+from peft_helpers import check_peft_loads, our_outputs, torch_outputs  # noqa: E402
 from test_engine import _all_shapes  # noqa: E402
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
@@ -591,36 +592,10 @@ def bert_model(hf, tiny_bert_dir):
     return d, transformers.BertModel.from_pretrained(d, add_pooling_layer=False).eval()
 
 
-IDS = np.array([[5, 17, 3, 40, 9, 22], [1, 2, 60, 33, 7, 0]])
-MASK = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
-
-
-def _ours(d, frozen, trainable):
-    _, cfg = bert.load(d)
-    fwd = jax.jit(lj.lora_apply(lambda p, i, m: bert.forward(p, cfg, i, m)))
-    return np.asarray(fwd(frozen, trainable, jnp.asarray(IDS), jnp.asarray(MASK)))
-
-
-def _theirs(torch, model):
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK))
-    return out.last_hidden_state.numpy()
-
-
 def _bitwise_equal(x, y):
     assert jax.tree.structure(x) == jax.tree.structure(y)
     for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
-
-
-def _peft_loads_ours(hf, model, d, ours, merge=True):
-    torch, _, peft = hf
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), d).eval()
-    ref = _theirs(torch, pm)
-    assert np.abs(ref - _theirs(torch, model)).max() > 1e-2  # the adapter changes the output
-    np.testing.assert_allclose(ours, ref, atol=PEFT_TOL, rtol=0)
-    if merge:
-        np.testing.assert_allclose(ours, _theirs(torch, pm.merge_and_unload()), atol=PEFT_TOL)
 
 
 @pytest.mark.slow
@@ -647,7 +622,9 @@ def test_dora_both_ways_with_peft(hf, bert_model, tmp_path, rslora):
     trainable = lj.peft.load_pretrained(tmp_path / "peft", params, key_map=bert.PEFT_KEY_MAP)
     q = trainable["encoder"]["layer_0"]["attention"]["query"]["kernel"]
     assert q.magnitude.shape == (32,) and q.rslora == rslora
-    np.testing.assert_allclose(_ours(d, params, trainable), _theirs(torch, pm), atol=PEFT_TOL)
+    np.testing.assert_allclose(
+        our_outputs(bert, d, params, trainable), torch_outputs(pm), atol=PEFT_TOL
+    )
 
     rules = [lj.LoraRule(QV, rank=4, alpha=8, dora=True, rslora=rslora)]
     frozen, trainable = lj.split(params, rules, key=jax.random.key(0))
@@ -655,7 +632,7 @@ def test_dora_both_ways_with_peft(hf, bert_model, tmp_path, rslora):
     lj.peft.save_pretrained(tmp_path / "ours", trainable, key_map=bert.PEFT_KEY_MAP, rules=rules)
     cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert cfg["use_dora"] is True and cfg["use_rslora"] is rslora
-    _peft_loads_ours(hf, model, tmp_path / "ours", _ours(d, frozen, trainable))
+    check_peft_loads(model, tmp_path / "ours", our_outputs(bert, d, frozen, trainable))
     back = lj.peft.load_pretrained(tmp_path / "ours", frozen, key_map=bert.PEFT_KEY_MAP)
     _bitwise_equal(back, trainable)
 
@@ -706,7 +683,9 @@ def test_adalora_allocator_and_files_match_peft(hf, bert_model, tmp_path):
     params, _ = bert.load(d)
     trainable = lj.peft.load_pretrained(tmp_path / "init", params, key_map=bert.PEFT_KEY_MAP)
     assert trainable["encoder"]["layer_1"]["attention"]["value"]["kernel"].singular.shape == (6,)
-    np.testing.assert_allclose(_ours(d, params, trainable), _theirs(torch, pm), atol=PEFT_TOL)
+    np.testing.assert_allclose(
+        our_outputs(bert, d, params, trainable), torch_outputs(pm), atol=PEFT_TOL
+    )
 
     allocator = pm.base_model.rankallocator
     alloc = lj.RankAllocator(target_rank=3, total_steps=12, tinit=2, tfinal=3, delta_t=2)
@@ -745,7 +724,9 @@ def test_adalora_allocator_and_files_match_peft(hf, bert_model, tmp_path):
         jax.tree.leaves(lj.merge(params, loaded)), jax.tree.leaves(lj.merge(params, ours))
     ):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
-    np.testing.assert_allclose(_ours(d, params, loaded), _theirs(torch, pm), atol=PEFT_TOL)
+    np.testing.assert_allclose(
+        our_outputs(bert, d, params, loaded), torch_outputs(pm), atol=PEFT_TOL
+    )
 
 
 def _module_name(path):
@@ -763,7 +744,7 @@ def test_adalora_ours_to_peft(hf, bert_model, tmp_path):
     lj.peft.save_pretrained(tmp_path, trainable, key_map=bert.PEFT_KEY_MAP, rules=rules)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (cfg["peft_type"], cfg["init_r"], cfg["lora_alpha"]) == ("ADALORA", 4, 8)
-    _peft_loads_ours(hf, model, tmp_path, _ours(d, frozen, trainable))
+    check_peft_loads(model, tmp_path, our_outputs(bert, d, frozen, trainable))
     _bitwise_equal(lj.peft.load_pretrained(tmp_path, frozen, key_map=bert.PEFT_KEY_MAP), trainable)
 
 
@@ -788,7 +769,9 @@ def test_principal_init_matches_peft(hf, bert_model, tmp_path, init):
         np.testing.assert_allclose(np.asarray(w), residual, atol=1e-5)
         delta = (m.lora_B["default"].weight @ m.lora_A["default"].weight).detach().numpy().T
         np.testing.assert_allclose(np.asarray(t.a @ t.b), delta, atol=1e-5)
-    np.testing.assert_allclose(_ours(d, frozen, trainable), _theirs(torch, model), atol=PEFT_TOL)
+    np.testing.assert_allclose(
+        our_outputs(bert, d, frozen, trainable), torch_outputs(model), atol=PEFT_TOL
+    )
     # trained factors from PEFT apply to our residual base as to theirs
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -796,7 +779,9 @@ def test_principal_init_matches_peft(hf, bert_model, tmp_path, init):
                 p.add_(0.2 * torch.randn_like(p))
     pm.save_pretrained(tmp_path)
     loaded = lj.peft.load_pretrained(tmp_path, frozen, key_map=bert.PEFT_KEY_MAP)
-    np.testing.assert_allclose(_ours(d, frozen, loaded), _theirs(torch, pm), atol=PEFT_TOL)
+    np.testing.assert_allclose(
+        our_outputs(bert, d, frozen, loaded), torch_outputs(pm), atol=PEFT_TOL
+    )
 
 
 # --- PEFT file errors (toy model, hand-written key map) ---------------------------------------
