@@ -148,22 +148,24 @@ def make_factors(
 
 
 def _glora_bias(
-    path: str, rule: LoraRule, items: list, chosen: list
+    path: str, rule: LoraRule, leaves: dict[str, tuple[Any, LoraRule | None]]
 ) -> tuple[str, tuple[int, ...]] | None:
-    """``(path, shape)`` of the bias beside a GLoRA weight, or None if it has none."""
+    """``(path, shape)`` of the bias beside a GLoRA weight, or None if it has none.
+
+    ``leaves`` maps every parameter path to its leaf and the rule that matched it.
+    """
     cfg = rule.glora
     want = bias_path_for(path, cfg)
-    for (p, b), r in zip(items, chosen):
-        if p != want or b is None:
-            continue
-        if r is not None and (cfg.c, cfg.d, cfg.e) != ("none", "none", "none"):
-            raise ValueError(
-                f"'{path}': GLoRA's bias terms adapt '{p}', but rule {r.pattern!r} also targets "
-                f"it; exclude the bias from other rules or use lj.Glora(c='none', d='none', "
-                f"e='none')."
-            )
-        return p, tuple(b.shape)
-    return None
+    b, r = leaves.get(want, (None, None))
+    if b is None:
+        return None
+    if r is not None and (cfg.c, cfg.d, cfg.e) != ("none", "none", "none"):
+        raise ValueError(
+            f"'{path}': GLoRA's bias terms adapt '{want}', but rule {r.pattern!r} also targets "
+            f"it; exclude the bias from other rules or use lj.Glora(c='none', d='none', "
+            f"e='none')."
+        )
+    return want, tuple(b.shape)
 
 
 def split(
@@ -256,6 +258,7 @@ def split(
         if wanted:
             inferred = infer_axes(apply_fn, params, wanted, args, kwargs or {}, argnum)
 
+    by_path = {path: (w, rule) for (path, w), rule in zip(items, chosen)}
     frozen_leaves, trainable_leaves = [], []
     for (path, w), rule in zip(items, chosen):
         if rule is None:
@@ -268,7 +271,7 @@ def split(
             axes = resolve_axes(path, tuple(w.shape), rule, inferred.get(path))
             factors, base = make_factors(w, rule, axes, _leaf_key(key, path), path)
             if rule.glora is not None:
-                bias = _glora_bias(path, rule, items, chosen)
+                bias = _glora_bias(path, rule, by_path)
                 parts = make_parts(
                     rule.glora,
                     rule,
