@@ -41,6 +41,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import data  # noqa: E402
 from _results import write_section  # noqa: E402
+from _timing import median_seconds  # noqa: E402
 
 DEFAULT_OUT = pathlib.Path.home() / ".cache" / "lora_jax" / "demo"
 SPLIT_SEED = 0  # the held-out set is the same for every --seed
@@ -158,17 +159,6 @@ def mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
-def time_call(fn, *args, repeats: int = 5) -> float:
-    """Median seconds of a warm ``fn(*args)``."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def plot(runs: list[Run], labels: np.ndarray, path: pathlib.Path) -> None:
     """Training loss and accuracy per step (raw and smoothed), held-out accuracy in the legend."""
     import matplotlib
@@ -275,8 +265,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     max_diff = float(np.abs(merged_logits - lora.after).max())
     same_preds = bool((merged_logits.argmax(-1) == lora.after.argmax(-1)).all())
     ids, mask = data.pad(sorted(test_ids, key=len)[-128:], buckets)
-    t_merged = time_call(merged_fwd, merged, ids, mask)
-    t_unmerged = time_call(unmerged_fwd, lora.frozen, lora.trainable, ids, mask)
+    t_merged = median_seconds(merged_fwd, merged, ids, mask)
+    t_unmerged = median_seconds(unmerged_fwd, lora.frozen, lora.trainable, ids, mask)
 
     plot_path = args.out / "training_curve.png"
     plot(runs, labels, plot_path)

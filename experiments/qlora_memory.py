@@ -17,15 +17,14 @@ import dataclasses
 import os
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _results import RESULTS, write_section  # noqa: E402
+from _timing import median_seconds  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
 
@@ -137,17 +136,8 @@ def throughput(n: int, repeats: int) -> str:
     quant = jax.jit(lj.quantize_nf4)
     deq = jax.jit(lambda q: q.dequantize())
 
-    def timed(fn, *args):
-        jax.block_until_ready(fn(*args))  # compile
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
-
-    tq = timed(quant, w)
-    td = timed(deq, quant(w))
+    tq = median_seconds(quant, w, repeats=repeats)
+    td = median_seconds(deq, quant(w), repeats=repeats)
     device = jax.devices()[0].device_kind
     if jax.devices()[0].platform == "cpu":
         device = f"CPU ({os.cpu_count()} cores, shared)"
