@@ -64,7 +64,8 @@ def lora_apply(
 ) -> Callable:
     """Turn ``fn(params, *args)`` into ``fn(frozen, trainable, *args, rng=None)``.
 
-    By default (factored mode) ``fn`` is traced once per input signature and re-run with
+    By default (factored mode) each call traces ``fn`` (once per compilation when the
+    call sits inside ``jax.jit``, as a training step does) and re-runs it with
     every adapted weight kept implicit: each use computes ``x @ W0 + scale * ((x @ a) @ b)``
     (and the matching forms for einsums, convolutions, embedding lookups, scanned stacks
     and quantised bases), so ``W0 + scale * a @ b`` is never formed and no gradient of a
