@@ -16,6 +16,8 @@ import math
 import os
 import pathlib
 import shutil
+import stat
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,18 +32,37 @@ def is_checkpoint_dir(path: pathlib.Path) -> bool:
     return (path / "meta").is_dir()
 
 
+def _foreign_dir(path: pathlib.Path) -> bool:
+    """A non-empty directory without a checkpoint's ``meta`` (False if it vanished)."""
+    try:
+        return any(path.iterdir()) and not is_checkpoint_dir(path) and path.exists()
+    except FileNotFoundError:
+        return False
+
+
 def check_replaceable(path: pathlib.Path) -> None:
-    """Refuse to save over a file or over a directory that is not an adapter checkpoint."""
-    if path.exists() and not path.is_dir():
+    """Refuse to save over a file or over a directory that is not an adapter checkpoint.
+
+    Another process may be swapping a checkpoint in at ``path`` (rename old, rename new):
+    a path that vanishes counts as free, and a directory is foreign only if it looks so
+    twice, 50 ms apart.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(mode):
         raise ValueError(
             f"{path} exists and is not a directory; save_adapters writes a checkpoint "
             f"directory there. Choose another path or remove the file."
         )
-    if path.is_dir() and any(path.iterdir()) and not is_checkpoint_dir(path):
-        raise ValueError(
-            f"{path} is a non-empty directory that is not an adapter checkpoint; refusing to "
-            f"replace it. Save to a new path such as {path / 'adapters'}."
-        )
+    if _foreign_dir(path):
+        time.sleep(0.05)  # a concurrent swap leaves the path half-made for an instant only
+        if _foreign_dir(path):
+            raise ValueError(
+                f"{path} is a non-empty directory that is not an adapter checkpoint; refusing "
+                f"to replace it. Save to a new path such as {path / 'adapters'}."
+            )
 
 
 @contextlib.contextmanager
