@@ -141,7 +141,7 @@ def adapter_params(trainable) -> int:
     """Trainable scalars in the adapters (a, b and any variant's parts), the head excluded."""
     return sum(
         sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
-        for _, t in lj._tree.leaves_with_paths(trainable)
+        for _, t in lj._src.core.trees.leaves_with_paths(trainable)
         if isinstance(t, lj.LoraFactors)
     )
 

@@ -158,11 +158,11 @@ def oracle(case: Case, frozen: Any, trainable: Any, inputs: tuple) -> Any:
         def eff(w, t):
             if isinstance(t, lj.LoraFactors):
                 a, b = np.asarray(t.a, np.float64), np.asarray(t.b, np.float64)
-                a_spec, b_spec, w_spec = lj._factors.factor_specs(t)
+                a_spec, b_spec, w_spec = lj._src.core.factors.factor_specs(t)
                 delta = np.einsum(f"{a_spec},{b_spec}->{w_spec}", a, b) * t.scale
                 return jnp.asarray(np.asarray(w, np.float64) + delta)
             return to64(t if w is None else w)
 
-        params = jax.tree.map(eff, frozen, trainable, is_leaf=lj._tree.is_node)
+        params = jax.tree.map(eff, frozen, trainable, is_leaf=lj._src.core.trees.is_node)
         out = case.fn(params, *[to64(x) for x in inputs])
         return np.asarray(out)

@@ -53,16 +53,18 @@ def test_factored_equals_materialized(case):
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_split_keeps_values_and_merge_unmerge_round_trip(case):
     params, frozen, trainable, _ = _setup(case)
-    for path, w in lj._tree.leaves_with_paths(frozen):
+    for path, w in lj._src.core.trees.leaves_with_paths(frozen):
         if w is not None:
-            np.testing.assert_array_equal(w, dict(lj._tree.leaves_with_paths(params))[path])
+            np.testing.assert_array_equal(
+                w, dict(lj._src.core.trees.leaves_with_paths(params))[path]
+            )
     trainable = random_factors(trainable, jax.random.key(2))
     for wrap in (lambda f: f, jax.jit):
         merged = wrap(lj.merge)(frozen, trainable)
         back = wrap(lj.unmerge)(merged, trainable)
         # Float32 round trip: |W0 + d - d - W0| <= 2 ulp of (|W0| + |d|).
         for (_, w0), (_, w1) in zip(
-            lj._tree.leaves_with_paths(frozen), lj._tree.leaves_with_paths(back)
+            lj._src.core.trees.leaves_with_paths(frozen), lj._src.core.trees.leaves_with_paths(back)
         ):
             if w0 is not None:
                 np.testing.assert_allclose(
@@ -77,8 +79,8 @@ def test_gradients_match_float64_oracle(case, mode):
     trainable = random_factors(trainable, jax.random.key(4))
     loss = lambda t: jnp.sum(lj.lora_apply(case.fn, materialize=mode[1])(frozen, t, *inputs) ** 2)
     grads = jax.jit(jax.grad(loss))(trainable)
-    assert jax.tree.structure(grads, is_leaf=lj._tree.is_node) == jax.tree.structure(
-        trainable, is_leaf=lj._tree.is_node
+    assert jax.tree.structure(grads, is_leaf=lj._src.core.trees.is_node) == jax.tree.structure(
+        trainable, is_leaf=lj._src.core.trees.is_node
     )
 
     with jax.enable_x64(True):
@@ -102,7 +104,7 @@ def test_gradients_match_float64_oracle(case, mode):
                 ),
                 f64,
                 t,
-                is_leaf=lj._tree.is_node,
+                is_leaf=lj._src.core.trees.is_node,
             )
             return jnp.sum(case.fn(params, *in64) ** 2)
 
@@ -142,7 +144,7 @@ def test_bf16_base_with_f32_factors_keeps_dtypes(case):
     )
     frozen, trainable = lj.split(params, list(case.rules), key=jax.random.key(0))
     trainable = random_factors(trainable, jax.random.key(1))
-    for path, t in lj._tree.leaves_with_paths(trainable):
+    for path, t in lj._src.core.trees.leaves_with_paths(trainable):
         if isinstance(t, lj.LoraFactors):
             assert t.a.dtype == jnp.float32 and t.b.dtype == jnp.float32, path
     base_out = case.fn(params, *inputs)
@@ -154,7 +156,7 @@ def test_bf16_base_with_f32_factors_keeps_dtypes(case):
     )
     merged = lj.merge(frozen, trainable)
     for (_, w), (_, m) in zip(
-        lj._tree.leaves_with_paths(frozen), lj._tree.leaves_with_paths(merged)
+        lj._src.core.trees.leaves_with_paths(frozen), lj._src.core.trees.leaves_with_paths(merged)
     ):
         if w is not None:
             assert m.dtype == w.dtype == jnp.bfloat16

@@ -55,7 +55,7 @@ def test_step_never_forms_an_adapted_weight(materialize):
     step, opt = _step(frozen, materialize)
     jaxpr = jax.make_jaxpr(step)(trainable, opt.init(trainable), tokens).jaxpr
     adapted = set()
-    for _, t in lj._tree.leaves_with_paths(trainable):
+    for _, t in lj._src.core.trees.leaves_with_paths(trainable):
         if isinstance(t, lj.LoraFactors):
             adapted |= {t.shape, t.shape[1:]}  # stacked and per-layer
     formed = adapted & set(_all_shapes(jaxpr))
@@ -74,7 +74,7 @@ def test_factored_step_needs_less_temporary_memory():
         temps[mode] = compiled.memory_analysis().temp_size_in_bytes
     adapted_bytes = sum(
         int(np.prod(t.shape)) * 4
-        for _, t in lj._tree.leaves_with_paths(trainable)
+        for _, t in lj._src.core.trees.leaves_with_paths(trainable)
         if isinstance(t, lj.LoraFactors)
     )
     assert temps[True] - temps[False] >= adapted_bytes, temps

@@ -231,7 +231,11 @@ def test_linen_training_summary_and_checkpoint(tmp_path):
     params = _MLP().init(jax.random.key(0), x)
     rules = [lj.LoraRule(".*/kernel", rank=2, glora=True)]
     frozen, trainable = lj.split(params, rules, key=jax.random.key(1))
-    forms = {p: t.glora.forms for p, t in lj._tree.leaves_with_paths(trainable) if t is not None}
+    forms = {
+        p: t.glora.forms
+        for p, t in lj._src.core.trees.leaves_with_paths(trainable)
+        if t is not None
+    }
     assert forms == {  # D and E only where a bias exists (the fixed configuration)
         "params/Dense_0/kernel": ("vector", "none", "vector", "vector"),
         "params/Dense_1/kernel": ("vector", "none", "none", "none"),

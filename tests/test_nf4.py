@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import lora_jax as lj
-from lora_jax._nf4 import NF4_CODE, dynamic_map
+from lora_jax._src.quant.nf4 import NF4_CODE, dynamic_map
 
 torch = pytest.importorskip("torch")
 F = pytest.importorskip("bitsandbytes.functional")

@@ -64,7 +64,7 @@ def test_qlora_step_memory():
     ):
         mem[name] = jax.jit(_step(materialize)).lower(frozen, trainable).compile().memory_analysis()
     # Arguments are exactly the quantised storage plus the rest: nothing is dequantised up front.
-    expected_args = lj._tree.nbytes(frozen_q) + lj._tree.nbytes(trainable)
+    expected_args = lj._src.ops.merge.nbytes(frozen_q) + lj._src.ops.merge.nbytes(trainable)
     assert mem["qlora"].argument_size_in_bytes == expected_args
     # 4.127 bits per quantised weight (packed codes, 8-bit absmax, absmax2 and offset).
     quantised = [

@@ -103,7 +103,7 @@ def tree():
 
 
 def kinds(t):
-    return {p: type(w).__name__ for p, w in lj._tree.leaves_with_paths(t)}
+    return {p: type(w).__name__ for p, w in lj._src.core.trees.leaves_with_paths(t)}
 
 
 def test_quantize_selects_by_regex_rule_and_predicate():

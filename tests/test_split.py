@@ -301,7 +301,7 @@ def test_round_trips_property(d_in, d_out, layers, rank, seed):
 
 def test_readme_paths_are_slash_joined():
     frozen, _ = lj.split(_params(), RULES, key=jax.random.key(1))
-    paths = [p for p, _ in lj._tree.leaves_with_paths(frozen)]
+    paths = [p for p, _ in lj._src.core.trees.leaves_with_paths(frozen)]
     assert "params/encoder/layer_0/query/kernel" in paths
     assert all(re.fullmatch(r"[\w/]+", p) for p in paths)
 

@@ -168,7 +168,7 @@ def test_dora_step_never_forms_an_adapted_weight():
         return optax.apply_updates(trainable, updates), state, loss
 
     adapted = set()
-    for _, t in lj._tree.leaves_with_paths(trainable):
+    for _, t in lj._src.core.trees.leaves_with_paths(trainable):
         if isinstance(t, lj.LoraFactors):
             adapted |= {t.shape, t.shape[1:]}
     jaxpr = jax.make_jaxpr(step)(trainable, opt.init(trainable)).jaxpr
@@ -371,7 +371,7 @@ def test_lora_plus_errors(kwargs, error, match):
 
 def _np_orth(trainable, squared):
     terms = []
-    for _, t in lj._tree.leaves_with_paths(trainable):
+    for _, t in lj._src.core.trees.leaves_with_paths(trainable):
         if not (isinstance(t, lj.LoraFactors) and t.singular is not None):
             continue
         ns = len(t.stack_axes)
@@ -649,14 +649,14 @@ def _from_torch(pm, template, grads=False):
     def leaf(key_path, t):
         if not isinstance(t, lj.LoraFactors):
             return t
-        m = _module(pm, lj._config.path_str(key_path))
+        m = _module(pm, lj._src.core.rules.path_str(key_path))
         get = lambda p: (p.grad if grads else p).detach().numpy()  # noqa: E731
         a, b, e = (get(x["default"]) for x in (m.lora_A, m.lora_B, m.lora_E))
         return dataclasses.replace(
             t, a=jnp.asarray(a.T), b=jnp.asarray(b.T), singular=jnp.asarray(e[:, 0])
         )
 
-    return jax.tree_util.tree_map_with_path(leaf, template, is_leaf=lj._tree.is_node)
+    return jax.tree_util.tree_map_with_path(leaf, template, is_leaf=lj._src.core.trees.is_node)
 
 
 @pytest.mark.slow
@@ -704,7 +704,7 @@ def test_adalora_allocator_and_files_match_peft(hf, bert_model, tmp_path):
         grads = _from_torch(pm, trainable, grads=True)
         pm.base_model.update_and_allocate(step)
         ours, state = update(ours, grads, state)
-        for path, t in lj._tree.leaves_with_paths(ours):
+        for path, t in lj._src.core.trees.leaves_with_paths(ours):
             if isinstance(t, lj.LoraFactors):
                 e = _module(pm, path).lora_E["default"].detach().numpy()[:, 0]
                 np.testing.assert_array_equal(np.asarray(t.singular) == 0, e == 0)
@@ -760,12 +760,12 @@ def test_principal_init_matches_peft(hf, bert_model, tmp_path, init):
     params, _ = bert.load(d)
     frozen, trainable = lj.split(params, [lj.LoraRule(QV, rank=4, alpha=8, init=init)],
                                  key=jax.random.key(0))  # fmt: skip
-    for path, t in lj._tree.leaves_with_paths(trainable):
+    for path, t in lj._src.core.trees.leaves_with_paths(trainable):
         if not isinstance(t, lj.LoraFactors):
             continue
         m = _module(pm, path)
         residual = m.base_layer.weight.detach().numpy().T
-        w = dict(lj._tree.leaves_with_paths(frozen))[path]
+        w = dict(lj._src.core.trees.leaves_with_paths(frozen))[path]
         np.testing.assert_allclose(np.asarray(w), residual, atol=1e-5)
         delta = (m.lora_B["default"].weight @ m.lora_A["default"].weight).detach().numpy().T
         np.testing.assert_allclose(np.asarray(t.a @ t.b), delta, atol=1e-5)

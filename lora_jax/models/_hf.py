@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from safetensors import safe_open
 
-from .._safe_io import check_float_tensor, read_json, safetensors_header
+from lora_jax._src.io.safe_io import check_float_tensor, read_json, safetensors_header
 
 LAYOUTS = ("linear", "embedding", "vector")
 _LAYER = re.escape("{layer}")

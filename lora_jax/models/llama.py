@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._safe_io import check_float_tensor, open_gguf
+from lora_jax._src.io.safe_io import check_float_tensor, open_gguf
+
 from ._hf import (
     KeyEntry,
     KeyMap,

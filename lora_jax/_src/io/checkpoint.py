@@ -1,0 +1,373 @@
+"""Adapter checkpoints with orbax: only the trainable tree is written.
+
+A checkpoint is an orbax composite directory with two items:
+
+* ``arrays``: the factors ``a``/``b`` (with DoRA's ``magnitude`` and AdaLoRA's
+  ``singular`` where present) and the fully trained leaves (orbax
+  ``StandardSave``, so large adapters are written sharded and in parallel);
+* ``meta``: JSON with the tree structure (``None`` holes included: orbax drops
+  them), the static fields of every :class:`~lora_jax.LoraFactors`, the rules,
+  a fingerprint of the frozen base (paths, shapes, dtypes, optional content
+  hash), a SHA-256 digest of every array, the step, user metadata and
+  ``lora_jax.__version__``.
+
+Saves are atomic: orbax writes to a temporary directory and renames it, and an
+existing checkpoint is only replaced once the new one is complete. With several
+processes (``jax.distributed``) every process calls :func:`save_adapters` with the same
+path: they agree on one staging name, each writes its shards, and process 0 renames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from lora_jax._src.core.factors import LoraFactors
+from lora_jax._src.core.qarray import QuantizedArray
+from lora_jax._src.core.rules import LoraRule
+from lora_jax._src.core.trees import is_node, leaves_with_paths
+from lora_jax._src.io.ckpt_meta import (
+    array_info,
+    as_fingerprint,
+    check_base,
+    check_fits,
+    decode_structure,
+    encode_structure,
+    factor_arrays,
+    leaves_of_like,
+    restore_target,
+    rule_from_json,
+    rule_to_json,
+)
+from lora_jax._src.io.ckpt_meta import (
+    fingerprint as fingerprint,  # public: lj.checkpoint.fingerprint
+)
+from lora_jax._src.io.safe_ckpt import (
+    check_adapter_meta,
+    check_meta_size,
+    check_replaceable,
+    check_save_args,
+    find_checkpoint,
+    replace_dir,
+)
+from lora_jax._src.variants.glora import GloraParts
+
+FORMAT = "lora_jax.adapters"
+FORMAT_VERSION = 1
+
+
+def _pack(trainable, rules, base, step, metadata) -> tuple[dict, dict]:
+    """The orbax ``arrays`` item and the JSON ``meta`` item of one checkpoint."""
+    from lora_jax import __version__
+
+    check_save_args(rules, base, step, metadata)
+    if isinstance(rules, LoraRule):
+        rules = [rules]
+    entries, arrays = [], {}
+    for i, (path, t) in enumerate(leaves_with_paths(trainable)):
+        key = f"{i:05d}"
+        if t is None:
+            entries.append({"path": path, "kind": "none"})
+        elif isinstance(t, LoraFactors):
+            entries.append(
+                {
+                    "path": path,
+                    "kind": "factors",
+                    "alpha": float(t.alpha),
+                    "stack_axes": list(t.stack_axes),
+                    "in_axes": list(t.in_axes),
+                    "out_axes": list(t.out_axes),
+                    "rslora": bool(t.rslora),
+                    "dropout": float(t.dropout),
+                    "arrays": {n: array_info(x) for n, x in factor_arrays(t).items()},
+                }
+            )
+            if t.glora is not None:
+                g = t.glora
+                entries[-1]["glora"] = {"forms": list(g.forms), "bias_path": g.bias_path}
+            arrays[key] = factor_arrays(t)
+        elif isinstance(t, QuantizedArray) or not hasattr(t, "shape"):
+            raise TypeError(
+                f"'{path}': trainable leaf of type {type(t).__name__} cannot be saved; the "
+                f"trainable tree holds LoraFactors, arrays and None (from lj.split)."
+            )
+        else:
+            entries.append({"path": path, "kind": "array", "arrays": {"w": array_info(t)}})
+            arrays[key] = {"w": t}
+    base_fp = as_fingerprint(base)
+    check_fits(base_fp, entries, "the base passed to save_adapters")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lora_jax_version": __version__,
+        "structure": encode_structure(trainable),
+        "leaves": entries,
+        "rules": [rule_to_json(r) for r in rules],
+        "base": base_fp,
+        "step": None if step is None else int(step),
+        "metadata": metadata,
+    }
+    return arrays, meta
+
+
+def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) -> Any:
+    try:
+        meta = restore(ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+        raise ValueError(f"cannot read adapter checkpoint metadata in {where}/meta: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{where}/meta is not a lora_jax adapter checkpoint (format missing).")
+    check_adapter_meta(meta, f"{where}/meta", FORMAT_VERSION)
+    entries = meta["leaves"]
+    if base is not None:
+        check_base(meta["base"], base, entries)
+    if like is not None:
+        like_leaves = leaves_of_like(like, entries)
+    elif meta["structure"] is None:
+        raise ValueError(
+            f"{where} holds a tree with custom pytree nodes whose structure cannot be stored; "
+            f"pass like= (e.g. jax.eval_shape of the lj.split call)."
+        )
+    else:
+        like_leaves = [None] * len(entries)
+    abstract = {}
+    for i, (e, x) in enumerate(zip(entries, like_leaves)):
+        if e["kind"] == "factors":
+            like_arrays = factor_arrays(x) if x is not None else {}
+            abstract[f"{i:05d}"] = {
+                n: restore_target(info, like_arrays.get(n)) for n, info in e["arrays"].items()
+            }
+        elif e["kind"] == "array":
+            abstract[f"{i:05d}"] = {"w": restore_target(e["arrays"]["w"], x)}
+    try:
+        arrays = restore(ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))["arrays"]
+    except Exception as e:
+        raise ValueError(f"cannot read adapter arrays in {where}/arrays: {e}") from e
+
+    def get(i: int, name: str, x: Any) -> jax.Array:
+        arr, info = arrays[f"{i:05d}"][name], entries[i]["arrays"][name]
+        if "sha256" in info and getattr(arr, "is_fully_addressable", True):
+            got = hashlib.sha256(np.ascontiguousarray(np.asarray(arr)).tobytes()).hexdigest()
+            if got != info["sha256"]:
+                raise ValueError(
+                    f"adapter checkpoint {where}/arrays is corrupted: '{entries[i]['path']}' "
+                    f"({name}) does not match its saved SHA-256; re-save or use another step."
+                )
+        return arr if x is None else arr.astype(x.dtype)
+
+    values = []
+    for i, (e, x) in enumerate(zip(entries, like_leaves)):
+        if e["kind"] == "none":
+            values.append(None)
+        elif e["kind"] == "array":
+            values.append(get(i, "w", x))
+        else:
+            like_arrays = factor_arrays(x) if x is not None else {}
+            got = {n: get(i, n, like_arrays.get(n)) for n in e["arrays"]}
+            glora = None
+            if "glora" in e:
+                glora = GloraParts(
+                    forms=tuple(e["glora"]["forms"]),
+                    bias_path=e["glora"]["bias_path"],
+                    **{n[6:]: x for n, x in got.items() if n.startswith("glora_")},
+                )
+            values.append(
+                LoraFactors(
+                    a=got["a"],
+                    b=got["b"],
+                    magnitude=got.get("magnitude"),
+                    singular=got.get("singular"),
+                    glora=glora,
+                    alpha=e["alpha"],
+                    stack_axes=tuple(e["stack_axes"]),
+                    in_axes=tuple(e["in_axes"]),
+                    out_axes=tuple(e["out_axes"]),
+                    rslora=e["rslora"],
+                    dropout=e["dropout"],
+                )
+            )
+    skeleton = like if like is not None else decode_structure(meta["structure"])
+    return jax.tree.unflatten(jax.tree.structure(skeleton, is_leaf=is_node), values)
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def _composite(arrays: dict, meta: dict) -> ocp.args.Composite:
+    return ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
+
+
+def save_adapters(
+    path: str | os.PathLike,
+    trainable: Any,
+    *,
+    rules: Sequence[LoraRule] | LoraRule,
+    base: Any,
+    step: int | None = None,
+    metadata: dict | None = None,
+) -> pathlib.Path:
+    """Write the trainable tree (factors and fully trained leaves) to ``path``.
+
+    Args:
+        path: checkpoint directory; an existing one is replaced only after the new
+            checkpoint is complete.
+        trainable: the trainable tree from :func:`lora_jax.split` (after training).
+        rules: the LoraRules used to split (stored for reference).
+        base: the frozen tree, or its :func:`fingerprint` (pass one made with
+            ``content=True`` to have loads verify the base's bytes).
+        step: training step to record.
+        metadata: any JSON-able dict to store alongside.
+
+    Returns:
+        The absolute checkpoint path.
+
+    Example:
+        >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
+        >>> rules = [lj.LoraRule("q/kernel", rank=2)]
+        >>> frozen, trainable = lj.split({"q": {"kernel": jnp.ones((8, 4))}}, rules,
+        ...                              key=jax.random.key(0))
+        >>> d = tempfile.mkdtemp()
+        >>> p = lj.save_adapters(d + "/ckpt", trainable, rules=rules, base=frozen, step=10)
+        >>> back = lj.load_adapters(p, base=frozen)
+        >>> bool((back["q"]["kernel"].a == trainable["q"]["kernel"].a).all())
+        True
+    """
+    path = pathlib.Path(path).absolute()
+    check_replaceable(path)
+    arrays, meta = _pack(trainable, rules, base, step, metadata)
+    suffix = _shared_suffix()
+    staging = path.with_name(f"{path.name}.saving-{suffix}")
+    _checkpointer().save(staging, args=_composite(arrays, meta))
+    if jax.process_index() == 0:
+        replace_dir(staging, path, suffix)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"lora_jax.save_adapters:{path}:{suffix}")
+    return path
+
+
+def _shared_suffix() -> str:
+    """A random staging suffix, the same on every process (process 0's)."""
+    value = np.asarray(uuid.uuid4().int % 2**31, np.int32)
+    if jax.process_count() > 1:
+        value = multihost_utils.broadcast_one_to_all(value)
+    return f"{int(value):08x}"
+
+
+def load_adapters(path: str | os.PathLike, *, like: Any = None, base: Any = None) -> Any:
+    """Read a trainable tree written by :func:`save_adapters`.
+
+    Args:
+        path: the checkpoint directory.
+        like: optional tree with the trainable structure whose leaves are arrays or
+            ``jax.ShapeDtypeStruct`` (e.g. ``jax.eval_shape`` of the ``lj.split`` call, with
+            ``.sharding`` set): arrays are restored onto those shardings and cast to
+            those dtypes. Without it, arrays land on the first device in the saved dtype.
+        base: optional frozen tree (or fingerprint) the adapter will be applied to; a
+            different path, shape (or content, if hashed at save) raises.
+
+    Returns:
+        The trainable tree: LoraFactors with their saved static fields, fully trained
+        arrays, ``None`` holes.
+
+    Raises:
+        ValueError: unreadable or corrupted checkpoint, a base or ``like`` that does not fit.
+    """
+    path = find_checkpoint(pathlib.Path(path).absolute())
+    if not path.is_dir():
+        raise ValueError(f"no adapter checkpoint at {path}; expected a directory.")
+    check_meta_size(path)
+    ckptr = _checkpointer()
+    return _unpack(lambda args: ckptr.restore(path, args=args), str(path), like, base)
+
+
+def read_info(path: str | os.PathLike) -> dict:
+    """The stored metadata of a checkpoint: rules (as LoraRules), step, metadata, base, version."""
+    path = find_checkpoint(pathlib.Path(path).absolute())
+    check_meta_size(path)
+    try:
+        meta = _checkpointer().restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:
+        raise ValueError(f"cannot read adapter checkpoint metadata in {path}/meta: {e}") from e
+    meta = meta["meta"]
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}/meta is not a lora_jax adapter checkpoint (format missing).")
+    check_adapter_meta(meta, f"{path}/meta", FORMAT_VERSION)
+    meta = dict(meta)
+    try:
+        meta["rules"] = [rule_from_json(r) for r in meta["rules"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}/meta: a stored rule is invalid ({e}); corrupted metadata.") from e
+    return meta
+
+
+class AdapterCheckpointManager:
+    """Periodic adapter saves during training, keeping the last ``max_to_keep`` steps.
+
+    Wraps ``ocp.CheckpointManager``; each step directory has the same layout as
+    :func:`save_adapters` writes, so :func:`load_adapters` reads it too.
+
+    Example:
+        >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
+        >>> rules = [lj.LoraRule("w", rank=1)]
+        >>> frozen, trainable = lj.split({"w": jnp.ones((4, 4))}, rules, key=jax.random.key(0))
+        >>> mgr = lj.checkpoint.AdapterCheckpointManager(tempfile.mkdtemp(), max_to_keep=2)
+        >>> for step in range(4):
+        ...     _ = mgr.save(step, trainable, rules=rules, base=frozen)
+        >>> mgr.all_steps()
+        [2, 3]
+        >>> mgr.restore()["w"].rank
+        1
+        >>> mgr.close()
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = None):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self._mgr = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("arrays", "meta")
+        )
+
+    def save(
+        self,
+        step: int,
+        trainable: Any,
+        *,
+        rules: Sequence[LoraRule] | LoraRule,
+        base: Any,
+        metadata: dict | None = None,
+    ) -> bool:
+        """Save ``trainable`` as ``step`` (blocks until written). Returns whether it saved."""
+        arrays, meta = _pack(trainable, rules, base, step, metadata)
+        saved = self._mgr.save(step, args=_composite(arrays, meta))
+        self._mgr.wait_until_finished()
+        return saved
+
+    def restore(self, step: int | None = None, *, like: Any = None, base: Any = None) -> Any:
+        """The trainable tree of ``step`` (default: the latest); see :func:`load_adapters`."""
+        step = self._mgr.latest_step() if step is None else step
+        if step is None or step not in self._mgr.all_steps():
+            raise ValueError(
+                f"no adapter checkpoint for step {step} in {self.directory}; "
+                f"saved steps: {list(self._mgr.all_steps())}."
+            )
+        where = str(self.directory / str(step))
+        return _unpack(lambda args: self._mgr.restore(step, args=args), where, like, base)
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._mgr.all_steps())
+
+    def close(self) -> None:
+        self._mgr.close()

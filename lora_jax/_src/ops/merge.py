@@ -1,0 +1,184 @@
+"""merge, unmerge, combine and parameter counts on (frozen, trainable) pairs.
+
+``frozen`` mirrors the parameter tree with ``None`` at fully trained leaves;
+``trainable`` mirrors it with a :class:`LoraFactors` at adapted leaves, the
+array at fully trained leaves and ``None`` elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._src.core.factors import (
+    LoraFactors,
+    column_norm,
+    dora_weight,
+    expand_columns,
+    lora_delta,
+    wide_dtype,
+)
+from lora_jax._src.core.qarray import QuantizedArray
+from lora_jax._src.core.rules import path_str
+from lora_jax._src.core.trees import check_pair, is_node, leaves_with_paths, map_pair
+from lora_jax._src.variants.glora import merged_bias, merged_weight, unmerged_bias, unmerged_weight
+
+
+def _dense(w: Any) -> Any:
+    return w.dequantize() if isinstance(w, QuantizedArray) else w
+
+
+def merge(frozen: Any, trainable: Any, *, requantize: bool = False) -> Any:
+    """A plain parameter tree: ``W0 + scale * a @ b`` at adapted leaves, trained leaves filled in.
+
+    DoRA and GLoRA leaves get their dense weights; GLoRA's bias terms are folded into the
+    layer's bias leaf. Each merged weight keeps the base's dtype (the sum is formed in float32
+    or wider).
+    Every quantised leaf is dequantised. With ``requantize=True`` quantised leaves stay
+    quantised (an adapted one is quantised again in the base's format) and
+    ``(merged, errors)`` is returned, where ``errors`` maps each requantised path to the
+    relative Frobenius error ``||Q(W) - W|| / ||W||`` that requantising introduced. Example:
+
+        >>> import jax, jax.numpy as jnp, lora_jax as lj
+        >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+        >>> frozen, trainable = lj.split(params, [lj.LoraRule(".*kernel", rank=2)],
+        ...                              key=jax.random.key(0))
+        >>> bool(jnp.all(lj.merge(frozen, trainable)["dense"]["kernel"] == 1.0))
+        True
+    """
+    check_pair(frozen, trainable)
+    errors: dict[str, jax.Array] = {}
+
+    def leaf(path, w, t):
+        if not isinstance(t, LoraFactors):
+            if w is None:
+                return t
+            return w if requantize else _dense(w)  # unadapted quantised leaves too
+        dense = _dense(w)
+        if t.glora is not None:
+            out = merged_weight(dense, t)
+        elif t.magnitude is not None:
+            out = dora_weight(dense, t)
+        else:
+            wide = wide_dtype(dense.dtype, t.a.dtype)
+            out = (dense.astype(wide) + lora_delta(t, wide)).astype(dense.dtype)
+        if requantize and isinstance(w, QuantizedArray):
+            q = w.quantize_like(out)
+            diff = (q.dequantize(jnp.float32) - out.astype(jnp.float32)).ravel()
+            errors[path] = jnp.linalg.norm(diff) / jnp.linalg.norm(out.astype(jnp.float32))
+            return q
+        return out
+
+    flat_f, treedef = jax.tree_util.tree_flatten_with_path(frozen, is_leaf=is_node)
+    flat_t = treedef.flatten_up_to(trainable)
+    paths = [path_str(p) for p, _ in flat_f]
+    out = [leaf(path, w, t) for path, (_, w), t in zip(paths, flat_f, flat_t)]
+    index = {p: i for i, p in enumerate(paths)}
+    for (_, w), t in zip(flat_f, flat_t):  # GLoRA's bias terms go into the layer's bias
+        if isinstance(t, LoraFactors) and t.glora is not None and t.glora.bias_path:
+            i = index[t.glora.bias_path]
+            out[i] = merged_bias(_dense(flat_f[i][1]), _dense(w), t)
+    merged = jax.tree.unflatten(treedef, out)
+    return (merged, errors) if requantize else merged
+
+
+def dora_norms(frozen: Any, trainable: Any) -> Any:
+    """Per-column norms ``||W0 + dW||`` of every DoRA leaf (None elsewhere), for :func:`unmerge`."""
+
+    def leaf(w, t):
+        if isinstance(t, LoraFactors) and t.magnitude is not None:
+            return column_norm(_dense(w), t)
+        return None
+
+    return map_pair(leaf, frozen, trainable)
+
+
+def unmerge(merged: Any, trainable: Any, *, dora_norms: Any = None) -> Any:
+    """Inverse of :func:`merge`: subtract each update and drop the fully trained leaves.
+
+    Exact up to rounding in the base dtype (float32: ~1 ulp of ``|W0| + |delta|``).
+    DoRA leaves also need the column norms that merging divided out:
+    ``dora_norms=lj.dora_norms(frozen, trainable)``, computed before merging.
+    """
+    norms = {}
+    if dora_norms is not None:
+        norms = {p: n for p, n in leaves_with_paths(dora_norms) if n is not None}
+
+    def leaf(path, w, t):
+        if isinstance(t, LoraFactors):
+            if tuple(w.shape) != t.shape:
+                raise ValueError(
+                    f"'{path}': merged weight of shape {tuple(w.shape)} does not match factors "
+                    f"adapting shape {t.shape}; pass the tree returned by lj.merge."
+                )
+            if t.glora is not None:
+                return unmerged_weight(w, t)
+            wide = wide_dtype(w.dtype, t.a.dtype)
+            full = w.astype(wide)
+            if t.magnitude is not None:
+                if path not in norms:
+                    raise ValueError(
+                        f"'{path}' is a DoRA leaf: unmerging needs the column norms that merging "
+                        f"divided out; pass dora_norms=lj.dora_norms(frozen, trainable)."
+                    )
+                scale = expand_columns(norms[path].astype(wide) / t.magnitude.astype(wide), t)
+                full = full * scale
+            return (full - lora_delta(t, wide)).astype(w.dtype)
+        return None if t is not None else w
+
+    paths = [p for p, _ in leaves_with_paths(trainable)]
+    m_paths = [p for p, _ in leaves_with_paths(merged)]
+    if len(paths) != len(m_paths):
+        raise ValueError(
+            f"merged tree has {len(m_paths)} leaves but trainable has {len(paths)}; "
+            f"pass the tree returned by lj.merge."
+        )
+    for i, (mp, tp) in enumerate(zip(m_paths, paths)):
+        if mp != tp:
+            raise ValueError(
+                f"merged tree does not match trainable: at leaf {i} merged has {mp!r} but "
+                f"trainable has {tp!r}; pass the tree returned by lj.merge."
+            )
+    flat_m, treedef = jax.tree_util.tree_flatten_with_path(merged, is_leaf=is_node)
+    flat_t = treedef.flatten_up_to(trainable)
+    out = [leaf(path_str(p), w, t) for (p, w), t in zip(flat_m, flat_t)]
+    index = {p: i for i, p in enumerate(paths)}
+    for i, t in enumerate(flat_t):  # GLoRA: the bias is unmerged with the recovered W0
+        if isinstance(t, LoraFactors) and t.glora is not None and t.glora.bias_path:
+            j = index[t.glora.bias_path]
+            out[j] = unmerged_bias(flat_m[j][1], out[i], t)
+    return jax.tree.unflatten(treedef, out)
+
+
+def combine(frozen: Any, trainable: Any) -> Any:
+    """The frozen tree with fully trained leaves filled in (factors are not applied)."""
+    return map_pair(lambda w, t: t if w is None else w, frozen, trainable)
+
+
+def factor_params(t: LoraFactors) -> int:
+    """Trainable scalars of one factors leaf: a, b and any magnitude/singular/GLoRA parts."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a tree (factors count all their arrays; quantised arrays their
+    logical size)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree, is_leaf=is_node):
+        if isinstance(leaf, LoraFactors):
+            total += factor_params(leaf)
+        elif isinstance(leaf, QuantizedArray) or hasattr(leaf, "shape"):
+            total += int(np.prod(leaf.shape))
+    return total
+
+
+def nbytes(tree: Any) -> int:
+    """Bytes held by the arrays of a tree (works on abstract ``ShapeDtypeStruct`` trees)."""
+    return sum(
+        int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype")
+    )

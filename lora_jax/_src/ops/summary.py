@@ -1,0 +1,114 @@
+"""summary: a table of what is adapted, trained and frozen, with parameter and byte counts."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from lora_jax._src.core.factors import LoraFactors
+from lora_jax._src.core.trees import leaves_with_paths
+from lora_jax._src.ops.merge import factor_params, nbytes
+
+
+@dataclasses.dataclass(frozen=True)
+class SummaryRow:
+    path: str
+    kind: str  # "lora", "dora", "adalora", "glora" or "full"
+    shape: tuple[int, ...]
+    rank: int | None
+    scale: float | None
+    trainable: int  # r * (d + k) per adapted matrix (times stacked layers); size for full leaves
+    base: int  # size of the weight this row replaces in full fine-tuning
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSummary:
+    """Counts for a (frozen, trainable) pair; ``str()`` renders the table."""
+
+    rows: tuple[SummaryRow, ...]
+    trainable_params: int
+    frozen_params: int
+    trainable_bytes: int
+    frozen_bytes: int
+
+    @property
+    def total_params(self) -> int:
+        """Parameters of the model itself (frozen plus fully trained leaves)."""
+        full = sum(r.trainable for r in self.rows if r.kind == "full")
+        return self.frozen_params + full
+
+    @property
+    def reduction(self) -> float:
+        """Full fine-tuning's trainable parameters over ours."""
+        return self.total_params / max(self.trainable_params, 1)
+
+    def __str__(self) -> str:
+        head = ("path", "shape", "kind", "rank", "trainable", "reduction")
+        lines = [head]
+        for r in self.rows:
+            lines.append(
+                (
+                    r.path,
+                    "x".join(map(str, r.shape)),
+                    r.kind,
+                    "-" if r.rank is None else str(r.rank),
+                    f"{r.trainable:,}",
+                    f"{r.base / max(r.trainable, 1):.1f}x",
+                )
+            )
+        widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+        fmt = lambda line: "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+        out = [fmt(lines[0]), "  ".join("-" * w for w in widths)]
+        out += [fmt(line) for line in lines[1:]]
+        out.append(
+            f"trainable {self.trainable_params:,} of {self.total_params:,} params "
+            f"({100 * self.trainable_params / max(self.total_params, 1):.3f}%, "
+            f"{self.reduction:,.1f}x fewer than full fine-tuning); "
+            f"trainable {self.trainable_bytes / 2**20:.2f} MiB, "
+            f"frozen {self.frozen_bytes / 2**20:.2f} MiB"
+        )
+        return "\n".join(out)
+
+
+def _kind(t: LoraFactors) -> str:
+    if t.glora is not None:
+        return "glora"
+    if t.magnitude is not None:
+        return "dora"
+    return "adalora" if t.singular is not None else "lora"
+
+
+def summary(frozen: Any, trainable: Any) -> LoraSummary:
+    """Summarise a split. Works on concrete and abstract (``jax.eval_shape``) trees.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lora_jax as lj
+        >>> params = {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.float32)}
+        >>> f, t = jax.eval_shape(
+        ...     lambda p: lj.split(p, [lj.LoraRule("w", rank=8)], key=jax.random.key(0)), params)
+        >>> s = lj.summary(f, t)
+        >>> s.trainable_params, s.reduction
+        (65536, 256.0)
+    """
+    rows = []
+    for path, t in leaves_with_paths(trainable):
+        if isinstance(t, LoraFactors):
+            n = factor_params(t)
+            rows.append(
+                SummaryRow(path, _kind(t), t.shape, t.rank, t.scale, n, int(np.prod(t.shape)))
+            )
+        elif t is not None:
+            n = int(np.prod(t.shape))
+            rows.append(SummaryRow(path, "full", tuple(t.shape), None, None, n, n))
+    frozen_params = sum(
+        int(np.prod(w.shape)) for _, w in leaves_with_paths(frozen) if w is not None
+    )
+    return LoraSummary(
+        rows=tuple(rows),
+        trainable_params=sum(r.trainable for r in rows),
+        frozen_params=frozen_params,
+        trainable_bytes=nbytes(trainable),
+        frozen_bytes=nbytes(frozen),
+    )
