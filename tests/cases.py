@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend import core as jcore
 
 import lora_jax as lj
 
@@ -166,3 +167,13 @@ def oracle(case: Case, frozen: Any, trainable: Any, inputs: tuple) -> Any:
         params = jax.tree.map(eff, frozen, trainable, is_leaf=lj._src.core.trees.is_node)
         out = case.fn(params, *[to64(x) for x in inputs])
         return np.asarray(out)
+
+
+def all_shapes(jaxpr):
+    """Shapes of every value computed by an equation, sub-jaxprs included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        shapes += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
+        for sub in jcore.jaxprs_in_params(eqn.params):
+            shapes += all_shapes(sub)
+    return shapes

@@ -21,9 +21,9 @@ import pytest
 import lora_jax as lj
 from lora_jax.models import bert, gpt
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from cases import all_shapes  # noqa: E402
 from peft_helpers import check_peft_loads, our_outputs, torch_outputs  # noqa: E402
-from test_engine import _all_shapes  # noqa: E402
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 PEFT_TOL = 1e-4
@@ -172,12 +172,12 @@ def test_dora_step_never_forms_an_adapted_weight():
         if isinstance(t, lj.LoraFactors):
             adapted |= {t.shape, t.shape[1:]}
     jaxpr = jax.make_jaxpr(step)(trainable, opt.init(trainable)).jaxpr
-    assert not adapted & set(_all_shapes(jaxpr))
+    assert not adapted & set(all_shapes(jaxpr))
     merged_step = jax.make_jaxpr(
         lambda t: jax.grad(lambda t: lj.lora_apply(gpt.loss, materialize=True)(frozen, t, cfg,
                                                                              tokens))(t)
     )(trainable).jaxpr  # fmt: skip
-    assert adapted & set(_all_shapes(merged_step)), "the check must be able to fail"
+    assert adapted & set(all_shapes(merged_step)), "the check must be able to fail"
 
 
 # --- PiSSA / OLoRA initialisation -----------------------------------------------------------
@@ -928,7 +928,7 @@ def test_experiment_smoke():
     import os
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run(
         [sys.executable, str(root / "experiments" / "variants.py"), "--smoke"],

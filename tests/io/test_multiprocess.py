@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import sharded_step as ss  # noqa: E402
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}

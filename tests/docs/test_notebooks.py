@@ -11,7 +11,7 @@ import psutil  # an ipykernel dependency
 import pytest
 from jupyter_core.utils import run_sync
 
-NOTEBOOKS = sorted((pathlib.Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((pathlib.Path(__file__).parents[2] / "notebooks").glob("*.ipynb"))
 TIME_LIMIT_S = 60
 
 

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 import lora_jax as lj
 from lora_jax.models import KeyEntry, KeyMap, bert, llama
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 from test_hostile_files import PEFT_BASE, PEFT_MAP, write_bert, write_gguf, write_peft  # noqa: E402
 
 KEY = jax.random.key(0)
@@ -587,7 +587,7 @@ def table() -> str:
 
 
 def test_reliability_doc_is_current():
-    doc = pathlib.Path(__file__).parents[1] / "docs" / "RELIABILITY.md"
+    doc = pathlib.Path(__file__).parents[2] / "docs" / "RELIABILITY.md"
     assert table() in doc.read_text(), "run `python tests/test_bad_inputs.py` and paste the table"
 
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import data  # noqa: E402

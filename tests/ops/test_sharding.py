@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import comm_bytes  # noqa: E402
 import sharded_step as ss  # noqa: E402
 

@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from cases import random_factors
+from cases import all_shapes, random_factors
 from jax import lax
-from jax.extend import core as jcore
 
 import lora_jax as lj
 from lora_jax import LoraFactoringError, LoraMaterializeWarning
@@ -39,16 +38,6 @@ def _step(frozen, materialize):
     return step, opt
 
 
-def _all_shapes(jaxpr):
-    """Shapes of every value computed by an equation, sub-jaxprs included."""
-    shapes = []
-    for eqn in jaxpr.eqns:
-        shapes += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
-        for sub in jcore.jaxprs_in_params(eqn.params):
-            shapes += _all_shapes(sub)
-    return shapes
-
-
 @pytest.mark.parametrize("materialize", [False, True], ids=["factored", "materialized"])
 def test_step_never_forms_an_adapted_weight(materialize):
     _, frozen, trainable, tokens = _gpt_pair()
@@ -58,7 +47,7 @@ def test_step_never_forms_an_adapted_weight(materialize):
     for _, t in lj._src.core.trees.leaves_with_paths(trainable):
         if isinstance(t, lj.LoraFactors):
             adapted |= {t.shape, t.shape[1:]}  # stacked and per-layer
-    formed = adapted & set(_all_shapes(jaxpr))
+    formed = adapted & set(all_shapes(jaxpr))
     if materialize:
         assert formed, "the reference mode must form the merged weights (check can fail)"
     else:

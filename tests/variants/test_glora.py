@@ -17,10 +17,9 @@ import numpy as np
 import optax
 import pytest
 import torch
-from cases import CASES
+from cases import CASES, all_shapes
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_engine import _all_shapes
 
 import lora_jax as lj
 
@@ -181,9 +180,9 @@ def test_training_step_forms_a_weight_only_for_a_lowrank_a(config, forms_weight)
     )
     x = _w((5, 3, 8), 9)
     shapes = {(8, 12), (12, 5)}
-    factored = set(_all_shapes(jax.make_jaxpr(_mlp_step(frozen, False))(trainable, x).jaxpr))
+    factored = set(all_shapes(jax.make_jaxpr(_mlp_step(frozen, False))(trainable, x).jaxpr))
     assert bool(shapes & factored) == forms_weight
-    merged = set(_all_shapes(jax.make_jaxpr(_mlp_step(frozen, True))(trainable, x).jaxpr))
+    merged = set(all_shapes(jax.make_jaxpr(_mlp_step(frozen, True))(trainable, x).jaxpr))
     assert shapes & merged, "the check must be able to fail"
 
 

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-README = pathlib.Path(__file__).parents[1] / "README.md"
+README = pathlib.Path(__file__).parents[2] / "README.md"
 BLOCK = re.compile(r"(<!-- no-test: [^>]+ -->\s*)?```python\n(.*?)```", re.S)
 
 

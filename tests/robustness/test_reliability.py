@@ -123,7 +123,7 @@ SCRIPT = textwrap.dedent(
 def test_same_seed_gives_bit_identical_adapters_across_processes(tmp_path):
     import pathlib
 
-    code = SCRIPT.format(tests=str(pathlib.Path(__file__).parent))
+    code = SCRIPT.format(tests=str(pathlib.Path(__file__).parents[1]))
     outs = [
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300

@@ -13,7 +13,7 @@ import pytest
 
 import lora_jax as lj
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def int4_reference(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
