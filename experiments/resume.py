@@ -116,9 +116,9 @@ def make_step(cfg: Config):
 
 def setup(cfg: Config, layout: str):
     """``(frozen, trainable, opt_state, jitted step, put_batch)`` for ``layout``."""
-    host = init_params(cfg)
+    host, key = init_params(cfg), jax.random.key(cfg.seed)
     if layout == "single":
-        frozen, trainable = lj.split(jax.device_put(host, jax.devices()[0]), RULES, key=KEY)
+        frozen, trainable = lj.split(jax.device_put(host, jax.devices()[0]), RULES, key=key)
         opt_state = optimizer(cfg).init(trainable)
         return frozen, trainable, opt_state, jax.jit(make_step(cfg)), jnp.asarray
     mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("model", "data"))
@@ -128,16 +128,13 @@ def setup(cfg: Config, layout: str):
         return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
 
     params = jax.tree.map(put, host, SPECS)
-    frozen, trainable = lj.split_sharded(params, RULES, key=KEY)
+    frozen, trainable = lj.split_sharded(params, RULES, key=key)
     t_sh = lj.factor_shardings(SPECS, trainable, mesh=mesh)
     rep = NamedSharding(mesh, P())
-    o_sh = optax.tree_map_params(
-        optimizer(cfg),
-        lambda _, s: s,
-        jax.eval_shape(optimizer(cfg).init, trainable),
-        t_sh,
-        transform_non_params=lambda _: rep,
-        is_leaf=lambda x: x is None,
+    # moments take their factor's sharding (propagated through zeros_like), scalars replicated
+    compiled = jax.jit(optimizer(cfg).init).lower(trainable).compile()
+    o_sh = jax.tree.map(
+        lambda s: s if isinstance(s, NamedSharding) else rep, compiled.output_shardings
     )
     opt_state = jax.jit(optimizer(cfg).init, out_shardings=o_sh)(trainable)
     f_sh = jax.tree.map(lambda x: x.sharding, frozen)
@@ -148,9 +145,6 @@ def setup(cfg: Config, layout: str):
         out_shardings=(t_sh, o_sh, rep),
     )
     return frozen, trainable, opt_state, step, lambda x: put(x, P("data"))
-
-
-KEY = jax.random.key(0)
 
 
 def train(outdir: str, cfg: Config, layout: str, *, delay: float = 0.0) -> None:
@@ -307,30 +301,36 @@ def compare(ref: str, run: str, pid: int = 0) -> dict:
     }
 
 
-def scenario(layout: str, kill: str, nproc: int = 1, seed: int = 0, delay: float = 0.05) -> dict:
-    """Uninterrupted run vs a run killed once (``kill``: "random" or "in-save") and resumed."""
+def scenario(
+    layout: str, kills: tuple[str, ...], nproc: int = 1, seed: int = 0, delay: float = 0.05
+) -> dict:
+    """The uninterrupted run vs one killed once per entry of ``kills`` and restarted each time.
+
+    ``"random"`` SIGKILLs the last process at a random step, ``"in-save"`` inside the save
+    of a random even step. The reference runs beside the first attempt.
+    """
     rng = random.Random(seed)
     ref, run = tempfile.mkdtemp(prefix="resume_ref_"), tempfile.mkdtemp(prefix="resume_run_")
-    finish(start(ref, layout, nproc=nproc))
-    if kill == "random":
-        procs = start(run, layout, nproc=nproc, delay=delay)
-        reached = kill_at_random_step(run, procs, rng, Config().steps, victim=nproc - 1)
-    else:
-        save_step = 2 * rng.randint(2, Config().steps // 2 - 1)
-        procs = start(run, layout, nproc=nproc, kill_in_save=save_step)
-        for p in procs:
-            p.wait()
-        reached = save_step
-    killed_at = sorted(int(p.name) for p in (Path(run) / "ckpt").iterdir() if p.name.isdigit())
+    ref_procs, attempts = start(ref, layout, nproc=nproc), []
+    for kill in kills:
+        before = steps_logged(run, nproc - 1)
+        if kill == "random":
+            procs = start(run, layout, nproc=nproc, delay=delay)
+            reached = kill_at_random_step(run, procs, rng, Config().steps, victim=nproc - 1)
+        else:
+            target = 2 * rng.randint(before // 2 + 1, Config().steps // 2 - 1)
+            procs = start(run, layout, nproc=nproc, kill_in_save=target)
+            for p in procs:
+                p.wait()
+            reached = target
+        names = sorted(p.name for p in (Path(run) / "ckpt").iterdir() if p.name[0].isdigit())
+        attempts.append({"kill": kill, "at_step": reached, "step_dirs_after_kill": names})
     finish(start(run, layout, nproc=nproc))
-    return {
-        "layout": layout,
-        "nproc": nproc,
-        "kill": kill,
-        "killed_after_step": reached,
-        "steps_on_disk_after_kill": killed_at,
-        **compare(ref, run),
-    }
+    finish(ref_procs)
+    result = {"layout": layout, "nproc": nproc, "attempts": attempts}
+    for pid in range(nproc):
+        result[f"process_{pid}"] = compare(ref, run, pid)
+    return result
 
 
 def main() -> None:
@@ -354,12 +354,11 @@ def main() -> None:
         train(args.outdir, Config(), args.layout, delay=args.delay)
         return
     if args.nproc > 1:
-        runs = [scenario("sharded", "random", nproc=args.nproc, seed=args.seed)]
+        runs = [scenario("sharded", ("random",), nproc=args.nproc, seed=args.seed)]
     else:
         runs = [
-            scenario("single", "random", seed=args.seed),
-            scenario("single", "in-save", seed=args.seed),
-            scenario("sharded", "random", seed=args.seed),
+            scenario("single", ("in-save", "random"), seed=args.seed),
+            scenario("sharded", ("random",), seed=args.seed),
         ]
     for r in runs:
         print(json.dumps(r))

@@ -40,6 +40,8 @@ from lora_jax._src.io.train_state import (
 
 ITEMS = ("arrays", "meta", "state", "train")
 LOCK = ".lora_jax.lock"
+# tensorstore reports failed writes as ValueError; these mark an I/O failure in its message
+_IO_MARKERS = ("os_error_code", "No space left", "Read-only", "Permission denied", "too large")
 TMP = ".orbax-checkpoint-tmp"  # orbax's name for a step being written
 
 
@@ -185,13 +187,20 @@ class AdapterCheckpointManager:
             raise self._save_error(step, e) from e
         return True
 
-    def _save_error(self, step: int | None, e: BaseException) -> OSError:
+    def _save_error(self, step: int | None, e: BaseException) -> Exception:
+        """A failed save, naming the directory and what is still on disk.
+
+        OSError for a failed write (full disk, read-only or vanished directory),
+        RuntimeError for anything else orbax refused.
+        """
         steps = self._disk_steps()
         kept = f"step {max(steps)} (and {len(steps) - 1} before it)" if steps else "nothing"
-        return OSError(
-            f"saving step {step} to {self.directory} failed: {type(e).__name__}: {e}. The "
-            f"checkpoints saved before are unchanged ({kept} on disk); check free space and "
-            f"write permission of the directory."
+        text = f"{type(e).__name__}: {e}"
+        io = isinstance(e, OSError) or any(m in text for m in _IO_MARKERS)
+        return (OSError if io else RuntimeError)(
+            f"saving step {step} to {self.directory} failed: {text}. The checkpoints saved "
+            f"before are unchanged ({kept} on disk)"
+            + ("; check free space and write permission of the directory." if io else ".")
         )
 
     def _disk_steps(self) -> list[int]:
@@ -300,7 +309,7 @@ class AdapterCheckpointManager:
                 f"opt_like=None and initialise the optimiser."
             )
         arrays = {}
-        targets = abstract_state(train, opt_leaves, {})
+        targets = abstract_state(train, opt_leaves)
         if targets:
             try:
                 arrays = restore(ocp.args.Composite(state=ocp.args.StandardRestore(targets)))

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src.io.ckpt_meta import restore_target, sha256
+from lora_jax._src.io.ckpt_meta import host_value, restore_target, sha256
 from lora_jax._src.io.safe_io import check_shape
 
 TRAIN_FORMAT = "lora_jax.train_state"
@@ -71,14 +71,15 @@ def pack_train(opt_state: Any, extra: dict | None) -> tuple[dict, dict]:
             opt_leaves.append(_info(path, x))
     values, extra_arrays, extra_info = {}, {}, {}
     for name, v in (extra or {}).items():
+        # extra arrays are small and often process-local: stored from the host, as numpy
         if _is_key(v):
-            data = jax.random.key_data(v)
+            data = host_value(jax.random.key_data(v))
             extra_arrays[name] = data
             extra_info[name] = _info(name, data) | {"key_impl": str(jax.random.key_impl(v))}
         elif isinstance(v, jax.Array):
-            extra_arrays[name] = v
+            extra_arrays[name] = host_value(v)
             extra_info[name] = _info(name, v)
-        elif isinstance(v, np.ndarray | np.generic):  # kept numpy (int64 needs no x64)
+        elif isinstance(v, np.ndarray | np.generic):  # int64 stays int64 (no x64 needed)
             extra_arrays[name] = np.asarray(v)
             extra_info[name] = _info(name, v) | {"numpy": True}
         else:
@@ -165,8 +166,8 @@ def opt_targets(train: dict, opt_like: Any, where: str) -> tuple[Any, list[Any]]
     return treedef, [x for _, x in flat]
 
 
-def abstract_state(train: dict, opt_leaves: list[Any] | None, like_extra: dict) -> dict:
-    """The ``state`` item's restore targets (shardings from the like trees, else device 0)."""
+def abstract_state(train: dict, opt_leaves: list[Any] | None) -> dict:
+    """The ``state`` item's restore targets: opt_like's shardings (else device 0), numpy extras."""
     out = {}
     if train["opt_state"]:
         out["opt"] = {
@@ -175,10 +176,7 @@ def abstract_state(train: dict, opt_leaves: list[Any] | None, like_extra: dict) 
         }
     if train["extra_arrays"]:
         out["extra"] = {
-            n: np.zeros(info["shape"], info["dtype"])
-            if info.get("numpy")
-            else restore_target(info, like_extra.get(n))
-            for n, info in train["extra_arrays"].items()
+            n: np.zeros(info["shape"], info["dtype"]) for n, info in train["extra_arrays"].items()
         }
     return out
 
@@ -207,9 +205,9 @@ def unpack_train(
     extra = dict(train["extra"])
     for name, info in train["extra_arrays"].items():
         arr = verified(arrays["extra"][name], info, where, f"extra[{name!r}]")
-        extra[name] = (
-            jax.random.wrap_key_data(arr, impl=info["key_impl"]) if "key_impl" in info else arr
-        )
+        if "key_impl" in info:
+            arr = jax.random.wrap_key_data(jnp.asarray(arr), impl=info["key_impl"])
+        extra[name] = arr if info.get("numpy") or "key_impl" in info else jnp.asarray(arr)
     return opt_state, extra
 
 
