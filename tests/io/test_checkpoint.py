@@ -307,18 +307,21 @@ class Pair(NamedTuple):
     dec: dict
 
 
-def test_custom_nodes_need_like(tmp_path):
+def test_custom_nodes_load_from_base_alone(tmp_path):
     params = Pair({"w": jnp.ones((8, 8))}, {"w": jnp.ones((8, 4))})
     rules = [lj.LoraRule(".*w", rank=2)]
     frozen, trainable = lj.split(params, rules, key=jax.random.key(0))
+    trainable = _nonzero(trainable)
     lj.save_adapters(tmp_path / "c", trainable, rules=rules, base=frozen)
-    with pytest.raises(
-        ValueError, match="custom pytree nodes whose structure cannot be stored; pass like="
-    ):
-        lj.load_adapters(tmp_path / "c")
-    back = lj.load_adapters(tmp_path / "c", like=trainable)
-    assert isinstance(back, Pair)
-    _assert_same(back, trainable)
+    for kwargs in ({}, {"base": fingerprint(frozen)}):  # a fingerprint has no tree nodes
+        with pytest.raises(
+            ValueError, match=r"custom pytree nodes \(an nnx.State.*pass base= \(the frozen tree"
+        ):
+            lj.load_adapters(tmp_path / "c", **kwargs)
+    for kwargs in ({"base": frozen}, {"like": trainable}):
+        back = lj.load_adapters(tmp_path / "c", **kwargs)
+        assert isinstance(back, Pair)
+        _assert_same(back, trainable)
 
 
 def test_not_a_checkpoint_raises(tmp_path):
@@ -327,3 +330,32 @@ def test_not_a_checkpoint_raises(tmp_path):
     assert pathlib.Path(tmp_path / "x").is_dir()
     with pytest.raises(ValueError, match="not a lora_jax adapter checkpoint"):
         lj.load_adapters(tmp_path / "x")
+
+
+def _linen_boxed():
+    nn = pytest.importorskip("flax.linen")
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
+            return nn.Dense(4, kernel_init=init)(x)
+
+    return Model().init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+
+
+def _nnx_state():
+    nnx = pytest.importorskip("flax.nnx")
+    return nnx.state(nnx.Linear(8, 4, rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("make", [_linen_boxed, _nnx_state], ids=["linen-boxed", "nnx-state"])
+def test_library_trees_load_from_base_alone(tmp_path, make):
+    params = make()
+    rules = [lj.LoraRule(r".*kernel.*", rank=2)]
+    frozen, trainable = lj.split(params, rules, key=jax.random.key(1))
+    trainable = _nonzero(trainable)
+    lj.save_adapters(tmp_path / "c", trainable, rules=rules, base=frozen)
+    back = lj.load_adapters(tmp_path / "c", base=frozen)
+    assert type(back) is type(trainable)
+    _assert_same(back, trainable)

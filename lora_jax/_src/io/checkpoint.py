@@ -19,7 +19,6 @@ path: they agree on one staging name, each writes its shards, and process 0 rena
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 import uuid
@@ -43,10 +42,12 @@ from lora_jax._src.io.ckpt_meta import (
     decode_structure,
     encode_structure,
     factor_arrays,
+    is_fingerprint,
     leaves_of_like,
     restore_target,
     rule_from_json,
     rule_to_json,
+    sha256,
 )
 from lora_jax._src.io.ckpt_meta import (
     fingerprint as fingerprint,  # public: lj.checkpoint.fingerprint
@@ -132,10 +133,11 @@ def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) ->
         check_base(meta["base"], base, entries)
     if like is not None:
         like_leaves = leaves_of_like(like, entries)
-    elif meta["structure"] is None:
+    elif meta["structure"] is None and (base is None or is_fingerprint(base)):
         raise ValueError(
-            f"{where} holds a tree with custom pytree nodes whose structure cannot be stored; "
-            f"pass like= (e.g. jax.eval_shape of the lj.split call)."
+            f"{where} holds a tree with custom pytree nodes (an nnx.State, boxed linen "
+            f"params, ...) whose structure is not stored; pass base= (the frozen tree from "
+            f"lj.split, whose structure it shares) or like= (jax.eval_shape of the lj.split call)."
         )
     else:
         like_leaves = [None] * len(entries)
@@ -155,9 +157,8 @@ def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) ->
 
     def get(i: int, name: str, x: Any) -> jax.Array:
         arr, info = arrays[f"{i:05d}"][name], entries[i]["arrays"][name]
-        if "sha256" in info and getattr(arr, "is_fully_addressable", True):
-            got = hashlib.sha256(np.ascontiguousarray(np.asarray(arr)).tobytes()).hexdigest()
-            if got != info["sha256"]:
+        if "sha256" in info:  # older multi-process saves have none
+            if sha256(arr) != info["sha256"]:
                 raise ValueError(
                     f"adapter checkpoint {where}/arrays is corrupted: '{entries[i]['path']}' "
                     f"({name}) does not match its saved SHA-256; re-save or use another step."
@@ -195,7 +196,12 @@ def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) ->
                     dropout=e["dropout"],
                 )
             )
-    skeleton = like if like is not None else decode_structure(meta["structure"])
+    if like is not None:
+        skeleton = like
+    elif meta["structure"] is not None:
+        skeleton = decode_structure(meta["structure"])
+    else:  # the trainable tree mirrors the frozen one: same nodes, a leaf per entry
+        skeleton = base
     return jax.tree.unflatten(jax.tree.structure(skeleton, is_leaf=is_node), values)
 
 
@@ -308,66 +314,3 @@ def read_info(path: str | os.PathLike) -> dict:
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}/meta: a stored rule is invalid ({e}); corrupted metadata.") from e
     return meta
-
-
-class AdapterCheckpointManager:
-    """Periodic adapter saves during training, keeping the last ``max_to_keep`` steps.
-
-    Wraps ``ocp.CheckpointManager``; each step directory has the same layout as
-    :func:`save_adapters` writes, so :func:`load_adapters` reads it too.
-
-    Example:
-        >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
-        >>> rules = [lj.LoraRule("w", rank=1)]
-        >>> frozen, trainable = lj.split({"w": jnp.ones((4, 4))}, rules, key=jax.random.key(0))
-        >>> mgr = lj.checkpoint.AdapterCheckpointManager(tempfile.mkdtemp(), max_to_keep=2)
-        >>> for step in range(4):
-        ...     _ = mgr.save(step, trainable, rules=rules, base=frozen)
-        >>> mgr.all_steps()
-        [2, 3]
-        >>> mgr.restore()["w"].rank
-        1
-        >>> mgr.close()
-    """
-
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = None):
-        self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-        self._mgr = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("arrays", "meta")
-        )
-
-    def save(
-        self,
-        step: int,
-        trainable: Any,
-        *,
-        rules: Sequence[LoraRule] | LoraRule,
-        base: Any,
-        metadata: dict | None = None,
-    ) -> bool:
-        """Save ``trainable`` as ``step`` (blocks until written). Returns whether it saved."""
-        arrays, meta = _pack(trainable, rules, base, step, metadata)
-        saved = self._mgr.save(step, args=_composite(arrays, meta))
-        self._mgr.wait_until_finished()
-        return saved
-
-    def restore(self, step: int | None = None, *, like: Any = None, base: Any = None) -> Any:
-        """The trainable tree of ``step`` (default: the latest); see :func:`load_adapters`."""
-        step = self._mgr.latest_step() if step is None else step
-        if step is None or step not in self._mgr.all_steps():
-            raise ValueError(
-                f"no adapter checkpoint for step {step} in {self.directory}; "
-                f"saved steps: {list(self._mgr.all_steps())}."
-            )
-        where = str(self.directory / str(step))
-        return _unpack(lambda args: self._mgr.restore(step, args=args), where, like, base)
-
-    def latest_step(self) -> int | None:
-        return self._mgr.latest_step()
-
-    def all_steps(self) -> list[int]:
-        return sorted(self._mgr.all_steps())
-
-    def close(self) -> None:
-        self._mgr.close()

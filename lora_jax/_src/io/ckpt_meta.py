@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lora_jax._src.core.factors import LoraFactors
 from lora_jax._src.core.rules import LoraRule
@@ -56,11 +57,27 @@ def as_fingerprint(base: Any) -> dict:
     return base if is_fingerprint(base) else fingerprint(base)
 
 
+def host_value(x: Any) -> np.ndarray:
+    """The whole array on this host (gathered from every process when no process holds it).
+
+    Collective in multi-process runs: every process must call it for the same array.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def sha256(x: Any) -> str:
+    """SHA-256 of an array's bytes in C order (its global value in multi-process runs)."""
+    return hashlib.sha256(np.ascontiguousarray(host_value(x)).tobytes()).hexdigest()
+
+
 def array_info(x: Any) -> dict:
-    info = {"shape": [int(d) for d in x.shape], "dtype": jnp.dtype(x.dtype).name}
-    if getattr(x, "is_fully_addressable", True):
-        info["sha256"] = hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
-    return info
+    return {
+        "shape": [int(d) for d in x.shape],
+        "dtype": jnp.dtype(x.dtype).name,
+        "sha256": sha256(x),
+    }
 
 
 def rule_to_json(rule: LoraRule) -> dict:
