@@ -20,6 +20,7 @@ path: they agree on one staging name, each writes its shards, and process 0 rena
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import pathlib
 import uuid
@@ -65,10 +66,16 @@ FORMAT = "lora_jax.adapters"
 FORMAT_VERSION = 1
 
 
+def _version() -> str:
+    """lora_jax's version from the package metadata (the one source of ``lj.__version__``)."""
+    try:
+        return importlib.metadata.version("lora_jax")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
 def _pack(trainable, rules, base, step, metadata) -> tuple[dict, dict]:
     """The orbax ``arrays`` item and the JSON ``meta`` item of one checkpoint."""
-    from lora_jax import __version__
-
     check_save_args(rules, base, step, metadata)
     if isinstance(rules, LoraRule):
         rules = [rules]
@@ -108,7 +115,7 @@ def _pack(trainable, rules, base, step, metadata) -> tuple[dict, dict]:
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "lora_jax_version": __version__,
+        "lora_jax_version": _version(),
         "structure": encode_structure(trainable),
         "leaves": entries,
         "rules": [rule_to_json(r) for r in rules],

@@ -15,7 +15,6 @@ from lora_jax._src.core.qarray import QuantizedArray
 from lora_jax._src.core.trees import check_pair, is_node, leaves_with_paths
 from lora_jax._src.engine import interpreter as _engine
 from lora_jax._src.engine.implicit import Adapted, Deferred
-from lora_jax._src.multi import bank as _bank
 from lora_jax._src.ops.merge import merge
 
 
@@ -105,9 +104,16 @@ def lora_apply(
                 f"argument(s) after (frozen, trainable); argnum is the position of the params "
                 f"among fn's arguments."
             )
-        if "adapter_ids" in kw or isinstance(trainable, _bank.AdapterBank):
+        if "adapter_ids" in kw or hasattr(trainable, "lora_apply_bank"):
+            # An adapter bank runs the call itself (the protocol keeps ops below multi).
             ids, axes = kw.pop("adapter_ids", None), kw.pop("adapter_in_axes", None)
-            return _bank.apply_bank(wrapped, frozen, trainable, args, kw, ids, rng, axes)
+            if not hasattr(trainable, "lora_apply_bank"):
+                raise TypeError(
+                    f"adapter_ids= needs an AdapterBank as the trainable argument, got "
+                    f"{type(trainable).__name__}; build one with lj.stack_adapters([trainable, "
+                    f"...])."
+                )
+            return trainable.lora_apply_bank(wrapped, frozen, args, kw, ids, rng, axes)
         check_pair(frozen, trainable)
         call = lambda params, args, kw: fn(*args[:argnum], params, *args[argnum:], **kw)
         if materialize:
