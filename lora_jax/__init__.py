@@ -26,8 +26,8 @@ from ._src.ops.merge import merge as merge
 from ._src.ops.merge import unmerge as unmerge
 from ._src.ops.sharding import factor_shardings as factor_shardings
 from ._src.ops.sharding import nf4_shardings as nf4_shardings
-from ._src.ops.sharding import split_sharded as split_sharded
 from ._src.ops.split import split as split
+from ._src.ops.split import split_sharded as split_sharded
 from ._src.ops.summary import LoraSummary as LoraSummary
 from ._src.ops.summary import summary as summary
 from ._src.quant.int4 import Int4Array as Int4Array
@@ -47,6 +47,7 @@ from ._src.variants.glora import GloraParts as GloraParts
 from ._src.variants.loraplus import lora_plus as lora_plus
 from ._src.variants.loraplus import lora_plus_labels as lora_plus_labels
 from ._src.variants.pissa import principal_to_lora as principal_to_lora
+from ._src.variants.vera import Vera as Vera
 
 __version__ = "0.1.0"
 
@@ -61,6 +62,7 @@ __all__ = [
     "LoraFactoringError",
     "Glora",
     "GloraParts",
+    "Vera",
     "LoraFactors",
     "NonFiniteError",
     "check_finite",

@@ -15,7 +15,8 @@ delta W = scale * a @ b, contracted over r, with scale = alpha / r
 delta W = scale * a @ (singular * b)), and ``magnitude`` ``(*stack, *out_axes)``
 makes it DoRA: W = magnitude * (W0 + delta W) / ||W0 + delta W||, the norm taken
 over the input axes for each output column and held constant in the backward pass.
-``glora`` makes it GLoRA (``_glora.py``): W = W0 + W0 * A + delta W, plus bias terms.
+``glora`` makes it GLoRA (``variants/glora.py``): W = W0 + W0 * A + delta W, plus bias terms.
+``variant`` holds the arrays of any other registered variant (``core/variant.py``).
 ``in_axes`` are the weight's axes that the
 function contracts with its input (for a Flax kernel ``(in, out)``: axis 0; for
 an embedding table ``(vocab, dim)``: the vocab axis); ``out_axes`` are the
@@ -28,18 +29,17 @@ import dataclasses
 import functools
 import math
 import string
-from typing import TYPE_CHECKING
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-if TYPE_CHECKING:
-    from lora_jax._src.variants.glora import GloraParts
+from lora_jax._src.core import variant as _variant
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["a", "b", "magnitude", "singular", "glora"],
+    data_fields=["a", "b", "magnitude", "singular", "glora", "variant"],
     meta_fields=["alpha", "stack_axes", "in_axes", "out_axes", "rslora", "dropout"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,7 @@ class LoraFactors:
         singular: AdaLoRA singular values ``(*stack, r)`` or None.
         glora: GLoRA's other support tensors (:class:`~lora_jax.GloraParts`) or None;
             ``a``, ``b`` are then its low-rank B.
+        variant: the parts (a registered pytree) of a plug-in variant, or None.
     """
 
     a: jax.Array
@@ -70,7 +71,8 @@ class LoraFactors:
     dropout: float = 0.0
     magnitude: jax.Array | None = None
     singular: jax.Array | None = None
-    glora: GloraParts | None = None
+    glora: Any = None
+    variant: Any = None
 
     @property
     def rank(self) -> int:
@@ -96,24 +98,29 @@ class LoraFactors:
     def with_factors(self, a: jax.Array, b: jax.Array) -> LoraFactors:
         return dataclasses.replace(self, a=a, b=b)
 
+    def low_rank(self) -> tuple[jax.Array, jax.Array]:
+        """``(a, b)`` with every variant's refinement folded in (e.g. AdaLoRA's singular
+        values into ``b``): ``delta W = scale * a @ b`` of these."""
+        return _variant.low_rank(self)
+
     def effective_b(self) -> jax.Array:
-        """``b`` with AdaLoRA's singular values folded in: ``(*stack, r, *out_axes)``."""
-        if self.singular is None:
-            return self.b
-        n_out = len(self.out_axes)
-        return self.b * self.singular.reshape(self.singular.shape + (1,) * n_out).astype(
-            self.b.dtype
-        )
+        """``b`` with the variants' refinements folded in: ``(*stack, r, *out_axes)``."""
+        return self.low_rank()[1]
+
+
+def bare(t: LoraFactors, a: jax.Array, b: jax.Array) -> LoraFactors:
+    """Plain factors with ``t``'s static fields and the pair ``(a, b)``, no variant arrays."""
+    return dataclasses.replace(t, a=a, b=b, magnitude=None, singular=None, glora=None, variant=None)
 
 
 def require_low_rank(t: LoraFactors, path: str, what: str) -> None:
-    """Raise unless ``t``'s update is ``scale * a @ effective_b`` alone (not DoRA or GLoRA)."""
-    kind = "DoRA" if t.magnitude is not None else "GLoRA" if t.glora is not None else None
-    if kind is not None:
+    """Raise unless ``t``'s update is ``scale * a @ b`` of trainable arrays on W0 alone."""
+    kinds = [v.title for v in _variant.present(t) if not v.plain_low_rank]
+    if kinds:
         raise ValueError(
             f"'{path}': {what} works on low-rank updates W0 + scale * a @ b, but these are "
-            f"{kind} factors (their weight is not of that form); merge them with lj.merge, or "
-            f"use LoRA/rsLoRA/AdaLoRA rules."
+            f"{kinds[0]} factors (their weight is not of that form); merge them with lj.merge, "
+            f"or use LoRA/rsLoRA/AdaLoRA rules."
         )
 
 
@@ -142,53 +149,15 @@ def lora_delta(factors: LoraFactors, dtype=None) -> jax.Array:
     """
     a_spec, b_spec, w_spec = factor_specs(factors)
     compute = wide_dtype(factors.a.dtype)
+    a, b = factors.low_rank()
     delta = jnp.einsum(
         f"{a_spec},{b_spec}->{w_spec}",
-        factors.a.astype(compute),
-        factors.effective_b().astype(compute),
+        a.astype(compute),
+        b.astype(compute),
         precision=jax.lax.Precision.HIGHEST,
     )
     delta = delta * jnp.asarray(factors.scale, compute)
     return delta if dtype is None else delta.astype(dtype)
-
-
-def column_norm(w: jax.Array, factors: LoraFactors) -> jax.Array:
-    """||W0 + delta W|| over the input axes, per (stack, out) column, without forming W0 + delta W.
-
-    ||w + d||^2 = ||w||^2 + 2 s <a^T w, b> + s^2 b^T (a^T a) b, each term from rank-r products.
-    Returns ``(*stack, *out_axes)`` in float32 (float64 for float64 inputs).
-    """
-    a_spec, b_spec, w_spec = factor_specs(factors)
-    compute = wide_dtype(w.dtype, factors.a.dtype)
-    a = factors.a.astype(compute)
-    b = factors.effective_b().astype(compute)
-    w = w.astype(compute)
-    s = jnp.asarray(factors.scale, compute)
-    r = a_spec[-1]
-    stack = "".join(w_spec[i] for i in factors.stack_axes)
-    out = stack + "".join(w_spec[i] for i in factors.out_axes)
-    hi = jax.lax.Precision.HIGHEST
-    w2 = jnp.einsum(f"{w_spec},{w_spec}->{out}", w, w, precision=hi)
-    aw = jnp.einsum(f"{a_spec},{w_spec}->{b_spec}", a, w, precision=hi)
-    cross = jnp.einsum(f"{b_spec},{b_spec}->{out}", aw, b, precision=hi)
-    r2 = "Y"
-    gram = jnp.einsum(f"{a_spec},{a_spec.replace(r, r2)}->{stack}{r}{r2}", a, a, precision=hi)
-    quad = jnp.einsum(
-        f"{b_spec},{stack}{r}{r2},{b_spec.replace(r, r2)}->{out}", b, gram, b, precision=hi
-    )
-    return jnp.sqrt(jnp.maximum(w2 + 2 * s * cross + s * s * quad, 0.0))
-
-
-def dora_weight(w: jax.Array, factors: LoraFactors) -> jax.Array:
-    """Dense DoRA weight ``magnitude * (W0 + dW) / ||W0 + dW||`` in ``w``'s dtype (for merge)."""
-    compute = wide_dtype(w.dtype, factors.a.dtype)
-    full = w.astype(compute) + lora_delta(factors, compute)
-    norm = jax.lax.stop_gradient(
-        jnp.sqrt(jnp.sum(full * full, axis=factors.in_axes, keepdims=True))
-    )
-    return (full * (expand_columns(factors.magnitude.astype(compute), factors) / norm)).astype(
-        w.dtype
-    )
 
 
 def expand_columns(col: jax.Array, factors: LoraFactors) -> jax.Array:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src.variants.glora import Glora
+from lora_jax._src.core import variant as _variant
 
 INITS = ("gaussian", "kaiming", "pissa", "pissa_niter_<n>", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -71,7 +71,9 @@ class LoraRule:
     adalora: bool = False
     # GLoRA (Chavan et al., 2023): W = W0 + W0 * A + B and b = b0 + b0 * D + E + C . W0,
     # B the rank-r term. True: the fixed configuration lj.Glora(); or lj.Glora(a=..., ...).
-    glora: Glora | bool = False
+    glora: Any = False
+    # Any other registered variant: its config object, e.g. lj.Vera() (see lj.variants).
+    variant: Any = None
 
     def __post_init__(self) -> None:
         self._validate()
@@ -99,34 +101,25 @@ class LoraRule:
                     f"{where}: alpha={self.alpha!r} must be a finite number > 0 "
                     f"(default 2 * rank = {2 * self.rank})."
                 )
-        if self.glora is True:
-            object.__setattr__(self, "glora", Glora())
-        elif self.glora is False:
-            object.__setattr__(self, "glora", None)
-        elif self.glora is not None and not isinstance(self.glora, Glora):
-            raise TypeError(
-                f"{where}: glora must be True, False or lj.Glora(...), got {self.glora!r}."
-            )
-        variants = [n for n in ("dora", "adalora", "glora") if getattr(self, n)]
-        if len(variants) > 1:
-            raise ValueError(f"{where}: {' and '.join(variants)} cannot be combined; pick one.")
-        if self.full and (self.dora or self.adalora or self.rslora or self.glora):
-            raise ValueError(
-                f"{where}: full=True trains the leaf fully; drop dora/adalora/glora/rslora."
-            )
         if not isinstance(self.init, str) or not (
             self.init in ("gaussian", "kaiming") or is_principal_init(self.init)
         ):
             raise ValueError(f"{where}: init={self.init!r} is not one of {INITS}.")
-        if self.adalora and self.init != "gaussian":
-            raise ValueError(
-                f"{where}: adalora uses its own init (P, Q ~ N(0, 0.02^2), lambda = 0); "
-                f"drop init={self.init!r}."
+        if self.variant is not None and _variant.for_config(self.variant) is None:
+            raise TypeError(
+                f"{where}: variant={self.variant!r} is not the config of a registered variant; "
+                f"pass e.g. lj.Vera(), or register the variant first."
             )
-        if self.glora is not None and is_principal_init(self.init):
+        for v in _variant.variants():
+            v.check_rule(self, where)
+        chosen = _variant.wanted_by(self)
+        exclusive = [v.name for v in chosen if v.exclusive]
+        if len(exclusive) > 1:
+            raise ValueError(f"{where}: {' and '.join(exclusive)} cannot be combined; pick one.")
+        if self.full and chosen:
             raise ValueError(
-                f"{where}: glora starts every support tensor at zero; init={self.init!r} would "
-                f"replace the base. Use init='gaussian' or 'kaiming'."
+                f"{where}: full=True trains the leaf fully; drop "
+                f"{'/'.join(v.name for v in chosen)}."
             )
         if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"{where}: dropout={self.dropout!r} must be in [0, 1).")

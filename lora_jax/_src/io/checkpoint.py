@@ -19,6 +19,7 @@ path: they agree on one staging name, each writes its shards, and process 0 rena
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pathlib
 import uuid
@@ -30,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from lora_jax._src.core import variant as _variant
 from lora_jax._src.core.factors import LoraFactors
 from lora_jax._src.core.qarray import QuantizedArray
 from lora_jax._src.core.rules import LoraRule
@@ -60,16 +62,21 @@ from lora_jax._src.io.safe_ckpt import (
     find_checkpoint,
     replace_dir,
 )
-from lora_jax._src.variants.glora import GloraParts
 
 FORMAT = "lora_jax.adapters"
 FORMAT_VERSION = 1
 
 
+def _version() -> str:
+    """lora_jax's version from the package metadata (the one source of ``lj.__version__``)."""
+    try:
+        return importlib.metadata.version("lora_jax")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
 def _pack(trainable, rules, base, step, metadata) -> tuple[dict, dict]:
     """The orbax ``arrays`` item and the JSON ``meta`` item of one checkpoint."""
-    from lora_jax import __version__
-
     check_save_args(rules, base, step, metadata)
     if isinstance(rules, LoraRule):
         rules = [rules]
@@ -92,9 +99,9 @@ def _pack(trainable, rules, base, step, metadata) -> tuple[dict, dict]:
                     "arrays": {n: array_info(x) for n, x in factor_arrays(t).items()},
                 }
             )
-            if t.glora is not None:
-                g = t.glora
-                entries[-1]["glora"] = {"forms": list(g.forms), "bias_path": g.bias_path}
+            for v in _variant.present(t):  # static data a variant needs back (GLoRA's forms)
+                if v.meta(t) is not None:
+                    entries[-1][v.name] = v.meta(t)
             arrays[key] = factor_arrays(t)
         elif isinstance(t, QuantizedArray) or not hasattr(t, "shape"):
             raise TypeError(
@@ -109,7 +116,7 @@ def _pack(trainable, rules, base, step, metadata) -> tuple[dict, dict]:
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "lora_jax_version": __version__,
+        "lora_jax_version": _version(),
         "structure": encode_structure(trainable),
         "leaves": entries,
         "rules": [rule_to_json(r) for r in rules],
@@ -174,28 +181,21 @@ def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) ->
         else:
             like_arrays = factor_arrays(x) if x is not None else {}
             got = {n: get(i, n, like_arrays.get(n)) for n in e["arrays"]}
-            glora = None
-            if "glora" in e:
-                glora = GloraParts(
-                    forms=tuple(e["glora"]["forms"]),
-                    bias_path=e["glora"]["bias_path"],
-                    **{n[6:]: x for n, x in got.items() if n.startswith("glora_")},
-                )
-            values.append(
-                LoraFactors(
-                    a=got["a"],
-                    b=got["b"],
-                    magnitude=got.get("magnitude"),
-                    singular=got.get("singular"),
-                    glora=glora,
-                    alpha=e["alpha"],
-                    stack_axes=tuple(e["stack_axes"]),
-                    in_axes=tuple(e["in_axes"]),
-                    out_axes=tuple(e["out_axes"]),
-                    rslora=e["rslora"],
-                    dropout=e["dropout"],
-                )
+            t = LoraFactors(
+                a=got["a"],
+                b=got["b"],
+                alpha=e["alpha"],
+                stack_axes=tuple(e["stack_axes"]),
+                in_axes=tuple(e["in_axes"]),
+                out_axes=tuple(e["out_axes"]),
+                rslora=e["rslora"],
+                dropout=e["dropout"],
             )
+            for v in _variant.variants():  # each variant puts back its arrays and meta
+                own = {n: x for n, x in got.items() if v.owns(n)}
+                if own or v.name in e:
+                    t = v.restore(t, own, e.get(v.name))
+            values.append(t)
     if like is not None:
         skeleton = like
     elif meta["structure"] is not None:

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lora_jax._src.core import variant as _variant
 from lora_jax._src.core.factors import LoraFactors
 from lora_jax._src.core.rules import LoraRule
 from lora_jax._src.core.trees import is_node, leaves_with_paths
-from lora_jax._src.variants.glora import Glora
 
 
 def fingerprint(frozen: Any, *, content: bool = False) -> dict:
@@ -85,7 +85,9 @@ def rule_to_json(rule: LoraRule) -> dict:
     out["param_dtype"] = jnp.dtype(rule.param_dtype).name
     for name in ("in_axes", "stack_axes"):
         out[name] = None if out[name] is None else list(out[name])
-    out["glora"] = None if rule.glora is None else dataclasses.asdict(rule.glora)
+    for v in _variant.variants():  # fields a variant owns (GLoRA's config)
+        out.update(v.rule_to_json(rule))
+    out["variant"] = _variant.config_to_json(rule.variant)
     return out
 
 
@@ -94,9 +96,9 @@ def rule_from_json(d: dict) -> LoraRule:
     d["param_dtype"] = jnp.dtype(d["param_dtype"])
     for name in ("in_axes", "stack_axes"):
         d[name] = None if d[name] is None else tuple(d[name])
-    if d.get("glora") is not None:
-        d["glora"] = Glora(**d["glora"])
-    d["glora"] = d.get("glora") or False
+    for v in _variant.variants():
+        v.rule_from_json(d)
+    d["variant"] = _variant.config_from_json(d.get("variant"))
     return LoraRule(**d)
 
 
@@ -136,13 +138,7 @@ def encode_structure(trainable: Any) -> Any:
     return enc if same else None
 
 
-def factor_arrays(t: LoraFactors) -> dict[str, Any]:
-    """The arrays of one factors leaf by name: a, b, magnitude/singular and glora_* if present."""
-    names = ("a", "b", "magnitude", "singular")
-    out = {n: getattr(t, n) for n in names if getattr(t, n) is not None}
-    if t.glora is not None:
-        out.update({f"glora_{n}": x for n, x in t.glora.arrays().items()})
-    return out
+factor_arrays = _variant.factor_arrays  # by name: a, b and each variant's (magnitude, glora_*)
 
 
 def entry_shape(entry: dict) -> tuple[int, ...] | None:

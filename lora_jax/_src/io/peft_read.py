@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src.core import variant as _variant
 from lora_jax._src.core.factors import LoraFactors
 from lora_jax._src.io.safe_io import check_peft_config, read_json
 
@@ -39,9 +40,12 @@ def read_config(directory: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist; pass a folder written by save_pretrained.")
     config = read_json(path, f"a PEFT {CONFIG_NAME}")
-    if config.get("peft_type") not in ("LORA", "ADALORA"):
+    own = _variant.for_peft_type(config.get("peft_type"))
+    if config.get("peft_type") not in ("LORA", "ADALORA") and own is None:
+        more = [t for v in _variant.variants() for t in v.peft_types]
         raise ValueError(
-            f"{path}: peft_type={config.get('peft_type')!r}; only 'LORA' and 'ADALORA' load."
+            f"{path}: peft_type={config.get('peft_type')!r}; only 'LORA' and 'ADALORA' load "
+            f"(and {more} through their variants)."
         )
     for name, ok in (("bias", "none"), ("lora_bias", False)):
         if config.get(name, ok) != ok:
@@ -49,7 +53,10 @@ def read_config(directory: str | os.PathLike) -> dict:
                 f"{path}: {name}={config[name]!r} is not supported (only {name}={ok!r}); "
                 f"retrain the adapter without it."
             )
-    check_peft_config(config, path)
+    if own is not None:
+        own.peft_check_config(config, path)
+    else:
+        check_peft_config(config, path)
     return config
 
 

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
+from lora_jax._src.core import variant as _variant
 from lora_jax._src.core.factors import LoraFactors
 from lora_jax._src.core.rules import LoraRule
 from lora_jax._src.core.trees import is_node, leaves_with_paths
@@ -134,7 +135,7 @@ def save_pretrained(
     _check_args("save_pretrained", key_map, trainable, "trainable")
     tensors: dict[str, np.ndarray] = {}
     ranks, alphas, rslora, dropout, targets, full = {}, {}, {}, {}, [], []
-    dora, adalora = {}, {}
+    dora, adalora, owners = {}, {}, {}
     for path, t in leaves_with_paths(trainable):
         if t is None:
             continue
@@ -162,11 +163,23 @@ def save_pretrained(
                 )
                 full.append(module_prefix + tg.module)
             continue
-        if t.glora is not None:
-            raise ValueError(
-                f"'{path}': GLoRA factors have no PEFT format (PEFT has no GLoRA tuner); keep "
-                f"them in lj.save_adapters checkpoints or export lj.merge(frozen, trainable)."
-            )
+        own = next((v for v in _variant.present(t) if v.peft == "own"), None)
+        if own is not None:  # a variant with its own PEFT tuner writes its keys (VeRA)
+            for i, tg in enumerate(tgts):
+                module = module_prefix + tg.module
+                for suffix, x in own.peft_tensors(t, i if stacked else None).items():
+                    tensors[f"{ROOT}{module}.{suffix}"] = np.ascontiguousarray(x)
+                targets.append(module)
+                dropout[module] = t.dropout
+            owners.setdefault(own, []).append(t)
+            continue
+        for v in _variant.present(t):
+            if v.peft != "lora":
+                raise ValueError(
+                    f"'{path}': {v.title} factors have no PEFT format (no PEFT LoRA tuner reads "
+                    f"them); keep them in lj.save_adapters checkpoints or export "
+                    f"lj.merge(frozen, trainable)."
+                )
         a, b = np.asarray(t.a), np.asarray(t.b)
         singular = None if t.singular is None else np.asarray(t.singular)
         magnitude = None if t.magnitude is None else np.asarray(t.magnitude)
@@ -235,6 +248,11 @@ def save_pretrained(
     }
     if adalora and _one(adalora, "AdaLoRA (singular values)"):
         config = _adalora_config(config, ranks, alphas)
+    for v, leaves in owners.items():
+        if ranks or len(owners) > 1:
+            raise ValueError(f"{v.title} factors cannot share a PEFT adapter with other factors.")
+        shared, config = v.peft_config(config, leaves)
+        tensors.update(shared)
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
@@ -310,6 +328,14 @@ def load_pretrained(directory: str | os.PathLike, frozen: Any, *, key_map: KeyMa
     _check_args("load_pretrained", key_map, frozen, "frozen")
     config = read_config(directory)
     tensors = adapter_tensors(directory, WEIGHTS_NAME)
+    read, build = read_factors, assemble
+    own = _variant.for_peft_type(config.get("peft_type"))
+    if own is not None:  # a variant with its own PEFT tuner reads its keys (VeRA)
+
+        def read(tensors, consumed, config, module, *rest):
+            return own.peft_read(tensors, consumed, config, f"{ROOT}{module}.", *rest)
+
+        build = own.peft_assemble
     consumed: set[str] = set()
     prefixes = ("", *getattr(key_map, "prefixes", ()))
     names = {k[len(ROOT) :] for k in tensors}
@@ -329,7 +355,7 @@ def load_pretrained(directory: str | os.PathLike, frozen: Any, *, key_map: KeyMa
             (p for p in prefixes if any(n.startswith(p + tgts[0].module + ".") for n in names)), ""
         )
         found = [
-            read_factors(
+            read(
                 tensors,
                 consumed,
                 config,
@@ -349,7 +375,7 @@ def load_pretrained(directory: str | os.PathLike, frozen: Any, *, key_map: KeyMa
                     f"adapter trains '{key}' fully (modules_to_save) but frozen holds a weight at "
                     f"'{path}'; split with LoraRule({path!r}, full=True) and pass that frozen tree."
                 )
-        out.append(assemble(found, stacked, shape, config, path))
+        out.append(build(found, stacked, shape, config, path))
     if not consumed:
         raise ValueError(
             f"{directory}/{WEIGHTS_NAME} has no tensor for any leaf of frozen ({len(tensors)} "

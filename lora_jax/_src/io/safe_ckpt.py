@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from lora_jax._src.core import variant as _variant
 from lora_jax._src.io.safe_io import (
     MAX_JSON_BYTES,
     MAX_JSON_DEPTH,
     check_declared_bytes,
     check_shape,
 )
-from lora_jax._src.variants.glora import A_FORMS, ARRAYS, BIAS_FORMS, C_FORMS, part_shapes
 
 
 def is_checkpoint_dir(path: pathlib.Path) -> bool:
@@ -124,10 +124,6 @@ def replace_dir(staging: pathlib.Path, path: pathlib.Path, suffix: str) -> None:
             staging.rename(path)
 
 
-_FACTOR_ARRAYS = ("a", "b", "magnitude", "singular")
-GLORA_ARRAYS = ARRAYS  # stored as glora_<name>
-
-
 def _axes(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
         isinstance(i, int) and not isinstance(i, bool) for i in value
@@ -153,35 +149,13 @@ def _array_nbytes(info: Any, where: str) -> int:
     return math.prod(shape) * (2 if dtype is None else dtype.itemsize)
 
 
-def _check_glora_entry(g: Any, arrays: dict, a: list, b: list, ns: int, ni: int, where: str):
-    """GLoRA's forms and bias path, and that the stored glora_* arrays are what they need."""
-    ok = (
-        isinstance(g, dict)
-        and isinstance(g.get("forms"), list)
-        and len(g["forms"]) == 4
-        and all(isinstance(f, str) for f in g["forms"])
-        and (g.get("bias_path") is None or isinstance(g.get("bias_path"), str))
-    )
-    allowed = (A_FORMS, C_FORMS, BIAS_FORMS[:-1], BIAS_FORMS[:-1])
-    if not ok or not all(f in forms for f, forms in zip(g["forms"], allowed)):
-        raise ValueError(f"{where}: glora {g!r} is not valid GLoRA metadata; corrupted.")
-    shapes = part_shapes(
-        tuple(g["forms"]), tuple(a[:ns]), tuple(a[ns:-1]), tuple(b[ns + 1 :]), a[-1]
-    )
-    stored = {n[6:]: tuple(info["shape"]) for n, info in arrays.items() if n.startswith("glora_")}
-    if stored != shapes or (g["bias_path"] is None) == any(f != "none" for f in g["forms"][1:]):
-        raise ValueError(
-            f"{where}: GLoRA arrays {stored} / bias path {g['bias_path']!r} do not fit forms "
-            f"{g['forms']} (expected {shapes}); corrupted metadata."
-        )
-
-
 def _check_factor_entry(e: dict, where: str) -> None:
     arrays = e.get("arrays")
-    glora = {f"glora_{n}" for n in GLORA_ARRAYS} if "glora" in e else set()
-    if not isinstance(arrays, dict) or not {"a", "b"} <= set(arrays) <= set(_FACTOR_ARRAYS) | glora:
+    known = lambda n: n in ("a", "b") or any(v.owns(n) for v in _variant.variants())  # noqa: E731
+    if not isinstance(arrays, dict) or not {"a", "b"} <= set(arrays) or not all(map(known, arrays)):
         raise ValueError(
-            f"{where} has arrays {arrays!r}; expected a, b (+ magnitude/singular/glora_*)."
+            f"{where} has arrays {arrays!r}; expected a, b (+ a registered variant's arrays: "
+            f"magnitude/singular/glora_*/...)."
         )
     stack, ins, outs = (
         _axes(e.get(k), f"{where} {k}") for k in ("stack_axes", "in_axes", "out_axes")
@@ -206,8 +180,8 @@ def _check_factor_entry(e: dict, where: str) -> None:
         )
     if a[-1] < 1:
         raise ValueError(f"{where}: rank {a[-1]} must be >= 1; corrupted metadata.")
-    if "glora" in e:
-        _check_glora_entry(e["glora"], arrays, a, b, ns, len(ins), where)
+    for v in _variant.variants():  # each variant checks its own arrays and meta
+        v.check_entry(e, where)
     alpha, dropout = e.get("alpha"), e.get("dropout")
     if not (
         isinstance(alpha, int | float) and not isinstance(alpha, bool) and math.isfinite(alpha)

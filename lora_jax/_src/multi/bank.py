@@ -129,6 +129,10 @@ class AdapterBank:
         """A new bank whose ``slot`` holds no adapter (zero factors, slot 0's trained leaves)."""
         return self.set(slot, self.select(0))
 
+    def lora_apply_bank(self, apply, frozen, args, kw, adapter_ids, rng, in_axes) -> Any:
+        """``lj.lora_apply``'s entry point for a bank (see :func:`apply_bank`)."""
+        return apply_bank(apply, frozen, self, args, kw, adapter_ids, rng, in_axes)
+
 
 def _write(old: Any, slot: int, one: Any, path: str) -> Any:
     """``old`` with slot ``slot`` replaced by the single-slot stack ``one`` (checked to fit)."""

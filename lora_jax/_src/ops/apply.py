@@ -9,50 +9,46 @@ from typing import Any
 import jax
 import numpy as np
 
-from lora_jax._src.core.factors import LoraFactors, column_norm
+from lora_jax._src.core import variant as _variant
+from lora_jax._src.core.factors import LoraFactors
 from lora_jax._src.core.qarray import QuantizedArray
 from lora_jax._src.core.trees import check_pair, is_node, leaves_with_paths
 from lora_jax._src.engine import interpreter as _engine
 from lora_jax._src.engine.implicit import Adapted, Deferred
-from lora_jax._src.multi import bank as _bank
 from lora_jax._src.ops.merge import merge
-from lora_jax._src.variants.glora import glora_biases, implicit_terms
+
+
+def _dense(w: Any) -> Any:
+    return w.dequantize() if isinstance(w, QuantizedArray) else w
 
 
 def _is_array(x: Any) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
-def _implicit(path: str, w: Any, t: Any, bias: Any = None) -> Any:
-    """The engine's input for one parameter leaf (``bias``: a GLoRA layer's bias leaf)."""
+def _implicit(path: str, w: Any, t: Any, frozen_at: Callable[[str], Any]) -> Any:
+    """The engine's input for one parameter leaf: its variants' terms, kept implicit."""
     quantised = isinstance(w, QuantizedArray)
     if not isinstance(t, LoraFactors):
         if quantised:
             return Adapted(Deferred(w), None, None, (), (), 1.0, w.shape, w.dtype, path)
         return w
-    b, col, shift, base = t.effective_b(), None, None, Deferred(w) if quantised else w
-    if t.glora is not None:
-        # GLoRA: W = base * col + B, plus a per-column shift (its bias terms).
-        base, col, shift = implicit_terms(w, t, bias)
-        if isinstance(base, QuantizedArray):
-            base = Deferred(base)
-    elif t.magnitude is not None:
-        # DoRA: W = m * (W0 + dW) / ||W0 + dW||; the norm is a constant in the backward pass.
-        norm = jax.lax.stop_gradient(column_norm(w.dequantize() if quantised else w, t))
-        col = t.magnitude.astype(norm.dtype) / norm
-        ns = len(t.stack_axes)
-        b = b * col.reshape(col.shape[:ns] + (1,) + col.shape[ns:]).astype(b.dtype)
+    a, b = t.low_rank()
+    terms = _variant.Terms(base=w, a=a, b=b)
+    for v in _variant.present(t):  # e.g. W = base * col + B, plus a per-column output shift
+        terms = v.terms(t, terms, frozen_at)
+    base = Deferred(terms.base) if isinstance(terms.base, QuantizedArray) else terms.base
     columns = t.stack_axes + t.out_axes
     return Adapted(
         base=base,
-        a=t.a,
-        b=b,
+        a=terms.a,
+        b=terms.b,
         a_axes=t.stack_axes + t.in_axes + (None,),
         b_axes=t.stack_axes + (None,) + t.out_axes,
-        col=col,
-        col_axes=columns if col is not None else (),
-        shift=shift,
-        shift_axes=columns if shift is not None else (),
+        col=terms.col,
+        col_axes=columns if terms.col is not None else (),
+        shift=terms.shift,
+        shift_axes=columns if terms.shift is not None else (),
         scale=t.scale,
         shape=tuple(w.shape),
         dtype=w.dtype,
@@ -108,9 +104,16 @@ def lora_apply(
                 f"argument(s) after (frozen, trainable); argnum is the position of the params "
                 f"among fn's arguments."
             )
-        if "adapter_ids" in kw or isinstance(trainable, _bank.AdapterBank):
+        if "adapter_ids" in kw or hasattr(trainable, "lora_apply_bank"):
+            # An adapter bank runs the call itself (the protocol keeps ops below multi).
             ids, axes = kw.pop("adapter_ids", None), kw.pop("adapter_in_axes", None)
-            return _bank.apply_bank(wrapped, frozen, trainable, args, kw, ids, rng, axes)
+            if not hasattr(trainable, "lora_apply_bank"):
+                raise TypeError(
+                    f"adapter_ids= needs an AdapterBank as the trainable argument, got "
+                    f"{type(trainable).__name__}; build one with lj.stack_adapters([trainable, "
+                    f"...])."
+                )
+            return trainable.lora_apply_bank(wrapped, frozen, args, kw, ids, rng, axes)
         check_pair(frozen, trainable)
         call = lambda params, args, kw: fn(*args[:argnum], params, *args[argnum:], **kw)
         if materialize:
@@ -124,9 +127,10 @@ def lora_apply(
             return call(merge(frozen, trainable), args, kw)
 
         f_items, t_items = leaves_with_paths(frozen), leaves_with_paths(trainable)
-        biases = glora_biases(f_items, t_items)
+        frozen_at = dict(f_items).get
+        dense_at = lambda p: _dense(frozen_at(p))  # noqa: E731
         params_leaves = [
-            t if w is None else _implicit(p, w, t, biases.get(p))
+            t if w is None else _implicit(p, w, t, dense_at)
             for (p, w), (_, t) in zip(f_items, t_items)
         ]
         treedef = jax.tree.structure(frozen, is_leaf=is_node)

@@ -13,22 +13,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src.core.factors import (
-    LoraFactors,
-    column_norm,
-    dora_weight,
-    expand_columns,
-    lora_delta,
-    wide_dtype,
-)
+from lora_jax._src.core import variant as _variant
+from lora_jax._src.core.factors import LoraFactors, bare, expand_columns, lora_delta, wide_dtype
 from lora_jax._src.core.qarray import QuantizedArray
 from lora_jax._src.core.rules import path_str
 from lora_jax._src.core.trees import check_pair, is_node, leaves_with_paths, map_pair
-from lora_jax._src.variants.glora import merged_bias, merged_weight, unmerged_bias, unmerged_weight
 
 
 def _dense(w: Any) -> Any:
     return w.dequantize() if isinstance(w, QuantizedArray) else w
+
+
+def _terms(w: Any, t: LoraFactors, frozen_at: Any) -> _variant.Terms:
+    a, b = t.low_rank()
+    terms = _variant.Terms(base=w, a=a, b=b)
+    for v in _variant.present(t):
+        terms = v.terms(t, terms, frozen_at)
+    return terms
+
+
+def merged_weight(dense: Any, t: LoraFactors, frozen_at: Any, path: str) -> Any:
+    """The dense weight of one adapted leaf: a variant's own form, else built from its terms."""
+    for v in _variant.present(t):
+        out = v.merged(dense, t)
+        if out is not None:
+            return out
+    terms = _terms(dense, t, frozen_at)
+    if terms.shift is not None:
+        raise ValueError(
+            f"'{path}': a variant adds an output shift to this weight but does not fold it into "
+            f"another leaf when merging (Variant.merged_others); it cannot be merged."
+        )
+    wide = wide_dtype(dense.dtype, t.a.dtype)
+    base = _dense(terms.base).astype(wide)
+    if terms.col is not None:
+        base = base * expand_columns(terms.col.astype(wide), t)
+    return (base + lora_delta(bare(t, terms.a, terms.b), wide)).astype(dense.dtype)
 
 
 def merge(frozen: Any, trainable: Any, *, requantize: bool = False) -> Any:
@@ -51,20 +71,15 @@ def merge(frozen: Any, trainable: Any, *, requantize: bool = False) -> Any:
     """
     check_pair(frozen, trainable)
     errors: dict[str, jax.Array] = {}
+    frozen_items = dict(leaves_with_paths(frozen))
+    dense_at = lambda p: _dense(frozen_items.get(p))  # noqa: E731  (None stays None)
 
     def leaf(path, w, t):
         if not isinstance(t, LoraFactors):
             if w is None:
                 return t
             return w if requantize else _dense(w)  # unadapted quantised leaves too
-        dense = _dense(w)
-        if t.glora is not None:
-            out = merged_weight(dense, t)
-        elif t.magnitude is not None:
-            out = dora_weight(dense, t)
-        else:
-            wide = wide_dtype(dense.dtype, t.a.dtype)
-            out = (dense.astype(wide) + lora_delta(t, wide)).astype(dense.dtype)
+        out = merged_weight(_dense(w), t, dense_at, path)
         if requantize and isinstance(w, QuantizedArray):
             q = w.quantize_like(out)
             diff = (q.dequantize(jnp.float32) - out.astype(jnp.float32)).ravel()
@@ -77,20 +92,25 @@ def merge(frozen: Any, trainable: Any, *, requantize: bool = False) -> Any:
     paths = [path_str(p) for p, _ in flat_f]
     out = [leaf(path, w, t) for path, (_, w), t in zip(paths, flat_f, flat_t)]
     index = {p: i for i, p in enumerate(paths)}
-    for (_, w), t in zip(flat_f, flat_t):  # GLoRA's bias terms go into the layer's bias
-        if isinstance(t, LoraFactors) and t.glora is not None and t.glora.bias_path:
-            i = index[t.glora.bias_path]
-            out[i] = merged_bias(_dense(flat_f[i][1]), _dense(w), t)
+    for (_, w), t in zip(flat_f, flat_t):  # terms folded into other leaves (GLoRA's bias)
+        if isinstance(t, LoraFactors):
+            for v in _variant.present(t):
+                for p, x in v.merged_others(t, _dense(w), dense_at).items():
+                    out[index[p]] = x
     merged = jax.tree.unflatten(treedef, out)
     return (merged, errors) if requantize else merged
 
 
 def dora_norms(frozen: Any, trainable: Any) -> Any:
-    """Per-column norms ``||W0 + dW||`` of every DoRA leaf (None elsewhere), for :func:`unmerge`."""
+    """Per-column norms ``||W0 + dW||`` of every DoRA leaf (None elsewhere), for :func:`unmerge`.
+
+    In general: what each variant needs to unmerge a leaf (:meth:`Variant.unmerge_state`).
+    """
 
     def leaf(w, t):
-        if isinstance(t, LoraFactors) and t.magnitude is not None:
-            return column_norm(_dense(w), t)
+        if isinstance(t, LoraFactors):
+            states = [v.unmerge_state(_dense(w), t) for v in _variant.present(t)]
+            return next((x for x in states if x is not None), None)
         return None
 
     return map_pair(leaf, frozen, trainable)
@@ -114,19 +134,16 @@ def unmerge(merged: Any, trainable: Any, *, dora_norms: Any = None) -> Any:
                     f"'{path}': merged weight of shape {tuple(w.shape)} does not match factors "
                     f"adapting shape {t.shape}; pass the tree returned by lj.merge."
                 )
-            if t.glora is not None:
-                return unmerged_weight(w, t)
+            for v in _variant.present(t):
+                out = v.unmerged(w, t, norms.get(path), path)
+                if out is not None:
+                    return out
             wide = wide_dtype(w.dtype, t.a.dtype)
-            full = w.astype(wide)
-            if t.magnitude is not None:
-                if path not in norms:
-                    raise ValueError(
-                        f"'{path}' is a DoRA leaf: unmerging needs the column norms that merging "
-                        f"divided out; pass dora_norms=lj.dora_norms(frozen, trainable)."
-                    )
-                scale = expand_columns(norms[path].astype(wide) / t.magnitude.astype(wide), t)
-                full = full * scale
-            return (full - lora_delta(t, wide)).astype(w.dtype)
+            terms = _terms(w, t, lambda _: None)
+            full = w.astype(wide) - lora_delta(bare(t, terms.a, terms.b), wide)
+            if terms.col is not None:
+                full = full / expand_columns(terms.col.astype(wide), t)
+            return full.astype(w.dtype)
         return None if t is not None else w
 
     paths = [p for p, _ in leaves_with_paths(trainable)]
@@ -146,10 +163,12 @@ def unmerge(merged: Any, trainable: Any, *, dora_norms: Any = None) -> Any:
     flat_t = treedef.flatten_up_to(trainable)
     out = [leaf(path_str(p), w, t) for (p, w), t in zip(flat_m, flat_t)]
     index = {p: i for i, p in enumerate(paths)}
-    for i, t in enumerate(flat_t):  # GLoRA: the bias is unmerged with the recovered W0
-        if isinstance(t, LoraFactors) and t.glora is not None and t.glora.bias_path:
-            j = index[t.glora.bias_path]
-            out[j] = unmerged_bias(flat_m[j][1], out[i], t)
+    merged_at = {path_str(p): w for p, w in flat_m}.get
+    for i, t in enumerate(flat_t):  # other leaves, unmerged with the recovered W0 (GLoRA's bias)
+        if isinstance(t, LoraFactors):
+            for v in _variant.present(t):
+                for p, x in v.unmerged_others(t, out[i], merged_at).items():
+                    out[index[p]] = x
     return jax.tree.unflatten(treedef, out)
 
 

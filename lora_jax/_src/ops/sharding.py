@@ -16,20 +16,19 @@ the base's spec.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lora_jax._src.core import variant as _variant
 from lora_jax._src.core.factors import LoraFactors
 from lora_jax._src.core.qarray import QuantizedArray
-from lora_jax._src.core.rules import LoraRule, path_str
-from lora_jax._src.core.trees import is_node, leaves_with_paths
-from lora_jax._src.ops.split import split
+from lora_jax._src.core.rules import path_str
+from lora_jax._src.core.trees import is_node
 from lora_jax._src.quant.nf4 import DQ_BLOCK, NF4Array, num_blocks
 
 # An override maps (path, base spec, factors) to (spec of a, spec of b).
@@ -99,25 +98,24 @@ def _check_overrides(overrides: Mapping[str, str | Override] | None) -> list[tup
     return out
 
 
-def _glora_specs(t: LoraFactors, entries: list, a_spec: Any, b_spec: Any, wrap: Any, own: Any):
-    """Shardings of GLoRA's parts: per-column parts follow the base's output axes, the
-    prompt its input axes, the low-rank A halves ``a`` and ``b``; scalars the stack axes."""
-    g = t.glora
-    stack = [entries[i] for i in t.stack_axes]
-    ins = [entries[i] for i in t.in_axes]
-    cols = PartitionSpec(*stack, *(entries[i] for i in t.out_axes))
-    per_form = lambda form: cols if form == "vector" else PartitionSpec(*stack)
-    specs = {
-        "scale": per_form(g.forms[0]),
-        "scale_in": a_spec,
-        "scale_out": b_spec,
-        "prompt": PartitionSpec(*stack, *ins),
-        "prompt_in": PartitionSpec(*stack, *ins, None),
-        "prompt_out": PartitionSpec(*stack, None),
-        "bias_scale": per_form(g.forms[2]),
-        "bias_shift": per_form(g.forms[3]),
+def _variant_specs(t: LoraFactors, entries: tuple, a_spec: Any, b_spec: Any) -> dict:
+    """``{variant: {array name: spec}}`` from each array's layout (:meth:`Variant.layout`)."""
+    sides = {
+        "stack": [entries[i] for i in t.stack_axes],
+        "in": [entries[i] for i in t.in_axes],
+        "out": [entries[i] for i in t.out_axes],
+        "r": [None],
     }
-    return dataclasses.replace(g, **{n: wrap(specs[n], own) for n in g.arrays()})
+    out = {}
+    for v in _variant.present(t):
+        specs = {}
+        for name, (layout, _) in v.layout(t).items():
+            if layout in ("a", "b"):
+                specs[name] = a_spec if layout == "a" else b_spec
+            else:
+                specs[name] = PartitionSpec(*(e for side in layout for e in sides[side]))
+        out[v] = specs
+    return out
 
 
 def factor_shardings(
@@ -191,20 +189,11 @@ def factor_shardings(
             a_spec, b_spec = how(path, PartitionSpec(*entries), t)
         else:
             a_spec, b_spec = _derive(entries, t, how)
-        stack = tuple(entries[i] for i in t.stack_axes)
-        col_spec = PartitionSpec(*stack, *(entries[i] for i in t.out_axes))
-        out.append(
-            dataclasses.replace(
-                t,
-                a=wrap(a_spec, own),
-                b=wrap(b_spec, own),
-                magnitude=None if t.magnitude is None else wrap(col_spec, own),
-                singular=None if t.singular is None else wrap(PartitionSpec(*stack, None), own),
-                glora=None
-                if t.glora is None
-                else _glora_specs(t, entries, a_spec, b_spec, wrap, own),
-            )
-        )
+        static = any(v.static_factors for v in _variant.present(t))
+        leaf = t if static else t.with_factors(wrap(a_spec, own), wrap(b_spec, own))
+        for v, specs in _variant_specs(t, entries, a_spec, b_spec).items():
+            leaf = v.replace(leaf, {n: wrap(spec, own) for n, spec in specs.items()})
+        out.append(leaf)
     unused = [regex.pattern for (regex, _), u in zip(compiled, used) if not u]
     if unused:
         raise ValueError(
@@ -212,72 +201,6 @@ def factor_shardings(
             f"'/'-joined paths); fix the pattern or drop it."
         )
     return jax.tree_util.tree_unflatten(t_def, out)
-
-
-def split_sharded(
-    params: Any,
-    rules: Sequence[LoraRule] | LoraRule,
-    *,
-    key: jax.Array,
-    specs: Any = None,
-    mesh: Mesh | None = None,
-    overrides: Mapping[str, str | Override] | None = None,
-    **split_kwargs: Any,
-) -> tuple[Any, Any]:
-    """:func:`lora_jax.split` for sharded parameters: factors are born sharded.
-
-    Runs ``split`` under ``jax.jit`` with ``out_shardings`` from :func:`factor_shardings`,
-    so each device creates only its shard of every factor; the frozen leaves are the
-    input arrays themselves (no copy, no gather). Random values equal ``lj.split``'s.
-
-    Args:
-        params: parameter tree of ``jax.Array`` (each with a NamedSharding unless
-            ``specs`` is given).
-        rules, key, split_kwargs: as for :func:`lora_jax.split`.
-        specs: PartitionSpecs/NamedShardings mirroring ``params``; default: the
-            arrays' own shardings.
-        mesh, overrides: as for :func:`factor_shardings` (``mesh`` is required when
-            ``specs`` holds bare PartitionSpecs).
-
-    Returns:
-        ``(frozen, trainable)`` as :func:`lora_jax.split`, with sharded factors.
-
-    Example:
-        >>> import jax, jax.numpy as jnp, lora_jax as lj
-        >>> from jax.sharding import NamedSharding, PartitionSpec as P
-        >>> mesh = jax.make_mesh((1, jax.device_count()), ("fsdp", "model"))
-        >>> w = jax.device_put(jnp.zeros((16, 8)), NamedSharding(mesh, P("fsdp", "model")))
-        >>> frozen, trainable = lj.split_sharded({"w": w}, lj.LoraRule("w", rank=2),
-        ...                                      key=jax.random.key(0))
-        >>> trainable["w"].a.sharding.spec, trainable["w"].b.sharding.spec
-        (P('fsdp', None), P(None, 'model'))
-    """
-    specs = params if specs is None else specs
-
-    def run(p, k):
-        return split(p, rules, key=k, **split_kwargs)
-
-    frozen_shape, trainable_shape = jax.eval_shape(run, params, key)
-    shardings = factor_shardings(specs, trainable_shape, mesh=mesh, overrides=overrides)
-    for path, s in leaves_with_paths(shardings):
-        if isinstance(s, PartitionSpec) or (
-            isinstance(s, LoraFactors) and isinstance(s.a, PartitionSpec)
-        ):
-            raise ValueError(
-                f"'{path}': specs are bare PartitionSpecs and no mesh is known; pass mesh=."
-            )
-    rules = [rules] if isinstance(rules, LoraRule) else rules
-    if not any(r.init.startswith(("pissa", "olora")) for r in rules):
-        trainable = jax.jit(lambda p, k: run(p, k)[1], out_shardings=shardings)(params, key)
-        frozen = jax.tree.map(
-            lambda f, p: None if f is None else p, frozen_shape, params, is_leaf=is_node
-        )
-        return frozen, trainable
-    # PiSSA/OLoRA replace the base by a residual: it is computed shard by shard too.
-    frozen_shardings = jax.tree.map(
-        lambda f, p: None if f is None else p.sharding, frozen_shape, params, is_leaf=is_node
-    )
-    return jax.jit(run, out_shardings=(frozen_shardings, shardings))(params, key)
 
 
 def _axis_size(mesh: Mesh, entry: Any) -> int:

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
-from lora_jax._src.core.factors import LoraFactors, column_norm, lora_delta, wide_dtype
+from lora_jax._src.core import variant as _variant
+from lora_jax._src.core.factors import LoraFactors
 from lora_jax._src.core.qarray import QuantizedArray
-from lora_jax._src.core.rules import LoraRule, is_principal_init, match_rules
-from lora_jax._src.core.trees import leaves_with_paths
-from lora_jax._src.variants.glora import bias_path_for, make_parts
-from lora_jax._src.variants.pissa import principal_factors
+from lora_jax._src.core.rules import LoraRule, match_rules
+from lora_jax._src.core.trees import is_node, leaves_with_paths
+from lora_jax._src.ops.sharding import Override, factor_shardings
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (stack, in, out)
 
@@ -89,12 +89,13 @@ def _leaf_key(key: jax.Array, path: str) -> jax.Array:
 
 
 def make_factors(
-    w: Any, rule: LoraRule, axes: Axes, key: jax.Array, path: str
+    w: Any, rule: LoraRule, axes: Axes, key: jax.Array, path: str, ctx: Any = None
 ) -> tuple[LoraFactors, Any]:
     """Factors for one weight and its frozen base.
 
-    ``a`` random by ``rule.init`` and ``b`` zero, with ``w`` itself as the base; for
-    PiSSA/OLoRA inits the principal factors and the residual ``w - scale * a @ b``.
+    ``a`` random by ``rule.init`` and ``b`` zero, with ``w`` itself as the base; then each
+    variant the rule wants changes them (:meth:`Variant.init`, e.g. PiSSA/OLoRA's principal
+    factors and residual base). ``ctx`` is the :class:`InitContext` the variants get.
     """
     stack, ins, outs = axes
     shape = tuple(w.shape)
@@ -111,20 +112,13 @@ def make_factors(
     b_shape = s_shape + (r,) + tuple(shape[i] for i in outs)
     dtype = rule.param_dtype
     b = jnp.zeros(b_shape, dtype)
-    singular = None
-    if rule.adalora:  # PEFT's AdaLoRA init: P, Q ~ N(0, 0.02^2), lambda = 0
-        ka, kb = jax.random.split(key)
-        a = 0.02 * jax.random.normal(ka, a_shape, dtype)
-        b = 0.02 * jax.random.normal(kb, b_shape, dtype)
-        singular = jnp.zeros(s_shape + (r,), dtype)
-    elif is_principal_init(rule.init):
-        a, b = principal_factors(w, rule.init, r, rule.scale, axes, key)
-        a, b = a.astype(dtype), b.astype(dtype)
-    elif rule.init == "gaussian":
+    if rule.init == "gaussian":
         a = jax.random.normal(key, a_shape, dtype) / r
-    else:  # kaiming-uniform with a=sqrt(5), fan_in = d_in: bound 1/sqrt(d_in)
+    elif rule.init == "kaiming":  # kaiming-uniform, a=sqrt(5), fan_in = d_in: bound 1/sqrt(d_in)
         bound = 1.0 / math.sqrt(d_in)
         a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
+    else:  # a variant's init (PiSSA/OLoRA) sets a and b
+        a = jnp.zeros(a_shape, dtype)
     factors = LoraFactors(
         a=a,
         b=b,
@@ -134,38 +128,14 @@ def make_factors(
         out_axes=outs,
         rslora=rule.rslora,
         dropout=float(rule.dropout),
-        singular=singular,
     )
+    if ctx is None:
+        none = lambda _: (None, None)  # noqa: E731
+        ctx = _variant.InitContext(path, rule, axes, shape, key, lambda _: key, none)
     base = w
-    if is_principal_init(rule.init):  # W0 = residual + scale * a @ b
-        wide = wide_dtype(w.dtype, dtype)
-        base = (w.astype(wide) - lora_delta(factors, wide)).astype(w.dtype)
-    if rule.dora:  # magnitude starts at ||W0|| per column, so W starts at W0
-        dense = base.dequantize() if isinstance(base, QuantizedArray) else base
-        magnitude = column_norm(dense, factors).astype(dtype)
-        factors = dataclasses.replace(factors, magnitude=magnitude)
+    for v in _variant.wanted_by(rule):
+        factors, base = v.init(factors, base, ctx)
     return factors, base
-
-
-def _glora_bias(
-    path: str, rule: LoraRule, leaves: dict[str, tuple[Any, LoraRule | None]]
-) -> tuple[str, tuple[int, ...]] | None:
-    """``(path, shape)`` of the bias beside a GLoRA weight, or None if it has none.
-
-    ``leaves`` maps every parameter path to its leaf and the rule that matched it.
-    """
-    cfg = rule.glora
-    want = bias_path_for(path, cfg)
-    b, r = leaves.get(want, (None, None))
-    if b is None:
-        return None
-    if r is not None and (cfg.c, cfg.d, cfg.e) != ("none", "none", "none"):
-        raise ValueError(
-            f"'{path}': GLoRA's bias terms adapt '{want}', but rule {r.pattern!r} also targets "
-            f"it; exclude the bias from other rules or use lj.Glora(c='none', d='none', "
-            f"e='none')."
-        )
-    return want, tuple(b.shape)
 
 
 def split(
@@ -217,10 +187,7 @@ def split(
                 f"with jax.tree.map(jnp.asarray, params)."
             )
     sharded = [w.sharding for _, w in items if _is_sharded(w)]
-    if sharded:
-        # Factors are born with shardings derived from their base: no gather to one device.
-        from lora_jax._src.ops.sharding import split_sharded
-
+    if sharded:  # factors are born with shardings derived from their base: no gather
         return split_sharded(
             params,
             rules,
@@ -241,11 +208,6 @@ def split(
             )
         if rule is not None and rule.full and isinstance(w, QuantizedArray):
             raise TypeError(f"'{path}' is quantised and cannot be trained fully.")
-        if rule is not None and is_principal_init(rule.init) and isinstance(w, QuantizedArray):
-            raise TypeError(
-                f"'{path}' is quantised but init={rule.init!r} replaces the base by the residual "
-                f"W0 - scale * a @ b; split the float weights, then lj.quantize the frozen tree."
-            )
     inferred: dict[str, Axes] = {}
     if apply_fn is not None:
         from lora_jax._src.engine.infer import infer_axes  # the engine sits above this module
@@ -259,6 +221,19 @@ def split(
             inferred = infer_axes(apply_fn, params, wanted, args, kwargs or {}, argnum)
 
     by_path = {path: (w, rule) for (path, w), rule in zip(items, chosen)}
+    leaf_at = lambda p: by_path.get(p, (None, None))  # noqa: E731
+    axes_of = {
+        path: resolve_axes(path, tuple(w.shape), rule, inferred.get(path))
+        for (path, w), rule in zip(items, chosen)
+        if rule is not None and not rule.full
+    }
+    plans = {  # variants that share state across leaves (VeRA's projections) plan it here
+        v.name: v.plan(
+            [(p, tuple(w.shape), r, axes_of[p]) for (p, w), r in zip(items, chosen) if p in axes_of]
+        )
+        for v in _variant.variants()
+        if any(v.wants(r) for r in chosen if r is not None and not r.full)
+    }
     frozen_leaves, trainable_leaves = [], []
     for (path, w), rule in zip(items, chosen):
         if rule is None:
@@ -268,21 +243,77 @@ def split(
             frozen_leaves.append(None)
             trainable_leaves.append(w)
         else:
-            axes = resolve_axes(path, tuple(w.shape), rule, inferred.get(path))
-            factors, base = make_factors(w, rule, axes, _leaf_key(key, path), path)
-            if rule.glora is not None:
-                bias = _glora_bias(path, rule, by_path)
-                parts = make_parts(
-                    rule.glora,
-                    rule,
-                    axes,
-                    tuple(w.shape),
-                    _leaf_key(key, path + "#glora"),
-                    path,
-                    bias,
-                )
-                factors = dataclasses.replace(factors, glora=parts)
+            axes, k = axes_of[path], _leaf_key(key, path)
+            fold = lambda suffix, path=path: _leaf_key(key, path + suffix)  # noqa: E731
+            ctx = _variant.InitContext(path, rule, axes, tuple(w.shape), k, fold, leaf_at, plans)
+            factors, base = make_factors(w, rule, axes, k, path, ctx)
             frozen_leaves.append(base)
             trainable_leaves.append(factors)
     treedef = jax.tree.structure(params, is_leaf=lambda x: isinstance(x, QuantizedArray))
     return jax.tree.unflatten(treedef, frozen_leaves), jax.tree.unflatten(treedef, trainable_leaves)
+
+
+def split_sharded(
+    params: Any,
+    rules: Sequence[LoraRule] | LoraRule,
+    *,
+    key: jax.Array,
+    specs: Any = None,
+    mesh: Mesh | None = None,
+    overrides: Mapping[str, str | Override] | None = None,
+    **split_kwargs: Any,
+) -> tuple[Any, Any]:
+    """:func:`lora_jax.split` for sharded parameters: factors are born sharded.
+
+    Runs ``split`` under ``jax.jit`` with ``out_shardings`` from :func:`factor_shardings`,
+    so each device creates only its shard of every factor; the frozen leaves are the
+    input arrays themselves (no copy, no gather). Random values equal ``lj.split``'s.
+
+    Args:
+        params: parameter tree of ``jax.Array`` (each with a NamedSharding unless
+            ``specs`` is given).
+        rules, key, split_kwargs: as for :func:`lora_jax.split`.
+        specs: PartitionSpecs/NamedShardings mirroring ``params``; default: the
+            arrays' own shardings.
+        mesh, overrides: as for :func:`factor_shardings` (``mesh`` is required when
+            ``specs`` holds bare PartitionSpecs).
+
+    Returns:
+        ``(frozen, trainable)`` as :func:`lora_jax.split`, with sharded factors.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lora_jax as lj
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> mesh = jax.make_mesh((1, jax.device_count()), ("fsdp", "model"))
+        >>> w = jax.device_put(jnp.zeros((16, 8)), NamedSharding(mesh, P("fsdp", "model")))
+        >>> frozen, trainable = lj.split_sharded({"w": w}, lj.LoraRule("w", rank=2),
+        ...                                      key=jax.random.key(0))
+        >>> trainable["w"].a.sharding.spec, trainable["w"].b.sharding.spec
+        (P('fsdp', None), P(None, 'model'))
+    """
+    specs = params if specs is None else specs
+
+    def run(p, k):
+        return split(p, rules, key=k, **split_kwargs)
+
+    frozen_shape, trainable_shape = jax.eval_shape(run, params, key)
+    shardings = factor_shardings(specs, trainable_shape, mesh=mesh, overrides=overrides)
+    for path, s in leaves_with_paths(shardings):
+        if isinstance(s, PartitionSpec) or (
+            isinstance(s, LoraFactors) and isinstance(s.a, PartitionSpec)
+        ):
+            raise ValueError(
+                f"'{path}': specs are bare PartitionSpecs and no mesh is known; pass mesh=."
+            )
+    rules = [rules] if isinstance(rules, LoraRule) else rules
+    if not any(v.changes_base for r in rules for v in _variant.wanted_by(r)):
+        trainable = jax.jit(lambda p, k: run(p, k)[1], out_shardings=shardings)(params, key)
+        frozen = jax.tree.map(
+            lambda f, p: None if f is None else p, frozen_shape, params, is_leaf=is_node
+        )
+        return frozen, trainable
+    # PiSSA/OLoRA replace the base by a residual: it is computed shard by shard too.
+    frozen_shardings = jax.tree.map(
+        lambda f, p: None if f is None else p.sharding, frozen_shape, params, is_leaf=is_node
+    )
+    return jax.jit(run, out_shardings=(frozen_shardings, shardings))(params, key)

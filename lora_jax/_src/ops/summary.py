@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from lora_jax._src.core import variant as _variant
 from lora_jax._src.core.factors import LoraFactors
 from lora_jax._src.core.trees import leaves_with_paths
 from lora_jax._src.ops.merge import factor_params, nbytes
@@ -15,7 +16,7 @@ from lora_jax._src.ops.merge import factor_params, nbytes
 @dataclasses.dataclass(frozen=True)
 class SummaryRow:
     path: str
-    kind: str  # "lora", "dora", "adalora", "glora" or "full"
+    kind: str  # "lora", "full" or the name of the variant (e.g. "dora", "glora")
     shape: tuple[int, ...]
     rank: int | None
     scale: float | None
@@ -73,11 +74,7 @@ class LoraSummary:
 
 
 def _kind(t: LoraFactors) -> str:
-    if t.glora is not None:
-        return "glora"
-    if t.magnitude is not None:
-        return "dora"
-    return "adalora" if t.singular is not None else "lora"
+    return next((v.name for v in _variant.present(t)), "lora")
 
 
 def summary(frozen: Any, trainable: Any) -> LoraSummary:

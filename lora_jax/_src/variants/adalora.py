@@ -29,8 +29,60 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src.core import variant as _variant
 from lora_jax._src.core.factors import LoraFactors
 from lora_jax._src.core.trees import is_node, leaves_with_paths
+
+
+class AdaLora(_variant.Variant):
+    """The plug-in hooks: ``singular (*stack, r)`` scales the rank directions of ``b``."""
+
+    name = "adalora"
+    title = "AdaLoRA"
+    peft = "lora"
+
+    def wants(self, rule: Any) -> bool:
+        return bool(rule.adalora)
+
+    def check_rule(self, rule: Any, where: str) -> None:
+        if rule.adalora and rule.init != "gaussian":
+            raise ValueError(
+                f"{where}: adalora uses its own init (P, Q ~ N(0, 0.02^2), lambda = 0); "
+                f"drop init={rule.init!r}."
+            )
+
+    def init(self, factors, base, ctx):  # PEFT's AdaLoRA init: P, Q ~ N(0, 0.02^2), lambda = 0
+        dtype = ctx.rule.param_dtype
+        ka, kb = jax.random.split(ctx.key)
+        a = 0.02 * jax.random.normal(ka, factors.a.shape, dtype)
+        b = 0.02 * jax.random.normal(kb, factors.b.shape, dtype)
+        singular = jnp.zeros(factors.a.shape[: len(factors.stack_axes)] + (factors.rank,), dtype)
+        return dataclasses.replace(factors, a=a, b=b, singular=singular), base
+
+    def present(self, t) -> bool:
+        return t.singular is not None
+
+    def arrays(self, t):
+        return {"singular": t.singular}
+
+    def replace(self, t, values):
+        return dataclasses.replace(t, singular=values["singular"])
+
+    def layout(self, t):
+        return {"singular": (("stack", "r"), _variant.BASE)}
+
+    def owns(self, name: str) -> bool:
+        return name == "singular"
+
+    def restore(self, t, arrays, meta):
+        return dataclasses.replace(t, singular=arrays["singular"])
+
+    def low_rank(self, t, a, b):
+        s = t.singular.reshape(t.singular.shape + (1,) * len(t.out_axes))
+        return a, b * s.astype(b.dtype)
+
+
+ADALORA = _variant.register(AdaLora())
 
 
 class AdaLoraState(NamedTuple):

@@ -40,7 +40,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src.core.factors import expand_columns, factor_specs, lora_delta, wide_dtype
+from lora_jax._src.core import variant as _variant
+from lora_jax._src.core.rules import is_principal_init
+from lora_jax._src.variants.glora_terms import (
+    implicit_terms,
+    merged_bias,
+    merged_weight,
+    unmerged_bias,
+    unmerged_weight,
+)
 
 A_FORMS = ("lowrank", "vector", "scalar", "none")
 C_FORMS = ("lowrank", "vector", "none")
@@ -203,150 +211,168 @@ def part_shapes(
     return shapes
 
 
-def glora_biases(f_items: list, t_items: list) -> dict[str, Any]:
-    """``{weight path: its dense frozen bias}`` for every GLoRA leaf that scales its bias (D)."""
-    wanted = {
-        t.glora.bias_path: p
-        for p, t in t_items
-        if getattr(t, "glora", None) is not None and t.glora.bias_scale is not None
-    }
-    if not wanted:
-        return {}
-    out = {}
-    for p, w in f_items:
-        if p in wanted and w is not None:
-            out[wanted[p]] = w.dequantize() if hasattr(w, "dequantize") else w
-    missing = set(wanted.values()) - set(out)
-    if missing:
-        path = sorted(missing)[0]
-        raise ValueError(
-            f"'{path}': its GLoRA bias scale D needs the frozen bias at "
-            f"'{next(b for b, p in wanted.items() if p == path)}', which the frozen tree lacks; "
-            f"pass the pair returned by the same lj.split."
-        )
-    return out
+# ----------------------------------------------------------------------------- plug-in
 
 
-# ----------------------------------------------------------------------------- terms
-
-
-def _columns(x: jax.Array, t: Any) -> jax.Array:
-    """A vector ``(*stack, *out)`` or scalar ``(*stack,)`` part as ``(*stack, *out)``."""
-    ns = len(t.stack_axes)
-    if x.ndim == ns:
-        col = t.shape
-        x = jnp.broadcast_to(
-            x.reshape(x.shape + (1,) * len(t.out_axes)),
-            x.shape + tuple(col[i] for i in t.out_axes),
-        )
-    return x
-
-
-def weight_scale(t: Any, compute: Any) -> jax.Array:
-    """``A`` in the weight's layout (a low-rank A), or ``(*stack, *out)`` (vector/scalar A)."""
-    g = t.glora
-    if g.scale is not None:
-        return _columns(g.scale.astype(compute), t)
-    sub = dataclasses.replace(t, a=g.scale_in, b=g.scale_out, singular=None, glora=None)
-    return lora_delta(sub, compute)
-
-
-def _prompt(t: Any, compute: Any) -> jax.Array | None:
-    """C as ``(*stack, *in)``, or None."""
-    g = t.glora
-    if g.prompt is not None:
-        return g.prompt.astype(compute)
-    if g.prompt_in is None:
+def _bias_for(path: str, rule: Any, leaf_at: Any) -> tuple[str, tuple[int, ...]] | None:
+    """``(path, shape)`` of the bias beside a GLoRA weight, or None if it has none."""
+    cfg = rule.glora
+    want = bias_path_for(path, cfg)
+    b, r = leaf_at(want)
+    if b is None:
         return None
-    c = jnp.einsum(
-        "...r,...r->...",
-        g.prompt_in.astype(compute),
-        g.prompt_out.astype(compute).reshape(
-            g.prompt_out.shape[:-1] + (1,) * len(t.in_axes) + g.prompt_out.shape[-1:]
-        ),
-    )
-    return c * jnp.asarray(t.scale, compute)
-
-
-def bias_delta(w: jax.Array, t: Any, bias: jax.Array | None) -> jax.Array | None:
-    """``b0 ⊙ D + E + C · W0`` as ``(*stack, *out)`` in float32 or wider, or None."""
-    g = t.glora
-    compute = wide_dtype(w.dtype, t.a.dtype)
-    terms = []
-    if g.bias_scale is not None:
-        terms.append(bias.astype(compute) * _columns(g.bias_scale.astype(compute), t))
-    if g.bias_shift is not None:
-        terms.append(_columns(g.bias_shift.astype(compute), t))
-    c = _prompt(t, compute)
-    if c is not None:
-        a_spec, b_spec, w_spec = factor_specs(t)
-        stack = "".join(w_spec[i] for i in t.stack_axes)
-        ins = "".join(w_spec[i] for i in t.in_axes)
-        outs = "".join(w_spec[i] for i in t.out_axes)
-        terms.append(
-            jnp.einsum(
-                f"{stack}{ins},{w_spec}->{stack}{outs}",
-                c,
-                w.astype(compute),
-                precision=jax.lax.Precision.HIGHEST,
-            )
+    if r is not None and (cfg.c, cfg.d, cfg.e) != ("none", "none", "none"):
+        raise ValueError(
+            f"'{path}': GLoRA's bias terms adapt '{want}', but rule {r.pattern!r} also targets "
+            f"it; exclude the bias from other rules or use lj.Glora(c='none', d='none', "
+            f"e='none')."
         )
-    return sum(terms[1:], terms[0]) if terms else None
+    return want, tuple(b.shape)
 
 
-def implicit_terms(
-    w: Any, t: Any, bias: jax.Array | None
-) -> tuple[Any, jax.Array | None, jax.Array | None]:
-    """``(base, col, shift)`` for the engine: ``W = base * col + B`` and ``shift`` per column.
-
-    ``w`` is the frozen weight (quantised or dense); the base stays ``w`` unless A is
-    low-rank, when it is the dense ``W0 ⊙ (1 + A)`` in ``w``'s dtype.
-    """
-    g = t.glora
-    needs_dense = g.forms[0] == "lowrank" or g.forms[1] != "none"
-    dense = w.dequantize() if needs_dense and hasattr(w, "dequantize") else w
-    compute = wide_dtype(w.dtype, t.a.dtype)
-    base, col = w, None
-    if g.forms[0] == "lowrank":
-        base = (dense.astype(compute) * (1 + weight_scale(t, compute))).astype(w.dtype)
-    elif g.forms[0] != "none":
-        col = 1 + weight_scale(t, compute)
-    return base, col, bias_delta(dense, t, bias) if g.has_bias_terms else None
-
-
-def merged_weight(w: jax.Array, t: Any) -> jax.Array:
-    """Dense ``W0 + W0 ⊙ A + B`` in ``w``'s dtype (summed in float32 or wider)."""
-    compute = wide_dtype(w.dtype, t.a.dtype)
-    w0 = w.astype(compute)
-    if t.glora.forms[0] != "none":
-        scale = weight_scale(t, compute)
-        w0 = w0 * (1 + (scale if t.glora.forms[0] == "lowrank" else expand_columns(scale, t)))
-    return (w0 + lora_delta(t, compute)).astype(w.dtype)
+def check_entry(g: Any, arrays: dict, a: list, b: list, ns: int, where: str) -> None:
+    """A checkpoint's GLoRA forms and bias path, and that its glora_* arrays fit them."""
+    ok = (
+        isinstance(g, dict)
+        and isinstance(g.get("forms"), list)
+        and len(g["forms"]) == 4
+        and all(isinstance(f, str) for f in g["forms"])
+        and (g.get("bias_path") is None or isinstance(g.get("bias_path"), str))
+    )
+    allowed = (A_FORMS, C_FORMS, BIAS_FORMS[:-1], BIAS_FORMS[:-1])
+    if not ok or not all(f in forms for f, forms in zip(g["forms"], allowed)):
+        raise ValueError(f"{where}: glora {g!r} is not valid GLoRA metadata; corrupted.")
+    shapes = part_shapes(
+        tuple(g["forms"]), tuple(a[:ns]), tuple(a[ns:-1]), tuple(b[ns + 1 :]), a[-1]
+    )
+    stored = {n[6:]: tuple(info["shape"]) for n, info in arrays.items() if n.startswith("glora_")}
+    if stored != shapes or (g["bias_path"] is None) == any(f != "none" for f in g["forms"][1:]):
+        raise ValueError(
+            f"{where}: GLoRA arrays {stored} / bias path {g['bias_path']!r} do not fit forms "
+            f"{g['forms']} (expected {shapes}); corrupted metadata."
+        )
 
 
-def unmerged_weight(merged: jax.Array, t: Any) -> jax.Array:
-    """Inverse of :func:`merged_weight`: ``(W - B) / (1 + A)``."""
-    compute = wide_dtype(merged.dtype, t.a.dtype)
-    w0 = merged.astype(compute) - lora_delta(t, compute)
-    if t.glora.forms[0] != "none":
-        scale = weight_scale(t, compute)
-        w0 = w0 / (1 + (scale if t.glora.forms[0] == "lowrank" else expand_columns(scale, t)))
-    return w0.astype(merged.dtype)
+class GloraVariant(_variant.Variant):
+    """The plug-in hooks of GLoRA (``LoraRule(glora=...)``, parts in ``LoraFactors.glora``)."""
+
+    name = "glora"
+    title = "GLoRA"
+    plain_low_rank = False
+
+    def wants(self, rule: Any) -> bool:
+        return rule.glora not in (None, False)
+
+    def check_rule(self, rule: Any, where: str) -> None:
+        if rule.glora is True:
+            object.__setattr__(rule, "glora", Glora())
+        elif rule.glora is False:
+            object.__setattr__(rule, "glora", None)
+        elif rule.glora is not None and not isinstance(rule.glora, Glora):
+            raise TypeError(
+                f"{where}: glora must be True, False or lj.Glora(...), got {rule.glora!r}."
+            )
+        if rule.glora is not None and is_principal_init(rule.init):
+            raise ValueError(
+                f"{where}: glora starts every support tensor at zero; init={rule.init!r} would "
+                f"replace the base. Use init='gaussian' or 'kaiming'."
+            )
+
+    def rule_to_json(self, rule: Any) -> dict:
+        return {"glora": None if rule.glora is None else dataclasses.asdict(rule.glora)}
+
+    def rule_from_json(self, d: dict) -> None:
+        d["glora"] = Glora(**d["glora"]) if d.get("glora") is not None else False
+
+    def init(self, factors, base, ctx):
+        bias = _bias_for(ctx.path, ctx.rule, ctx.leaf_at)
+        cfg = ctx.rule.glora
+        parts = make_parts(cfg, ctx.rule, ctx.axes, ctx.shape, ctx.fold("#glora"), ctx.path, bias)
+        return dataclasses.replace(factors, glora=parts), base
+
+    def present(self, t) -> bool:
+        return t.glora is not None
+
+    def arrays(self, t):
+        return {f"glora_{n}": x for n, x in t.glora.arrays().items()}
+
+    def replace(self, t, values):
+        new = {n[len("glora_") :]: x for n, x in values.items()}
+        return dataclasses.replace(t, glora=dataclasses.replace(t.glora, **new))
+
+    def layout(self, t):
+        """Per-column parts follow the output axes, the prompt the input axes, the low-rank
+        A halves ``a`` and ``b``; scalars the stack axes. Random-init halves learn like ``a``,
+        zero-init halves and the vectors/scalars like ``b`` (LoRA+)."""
+        forms = t.glora.forms
+        per_form = lambda form: ("stack", "out") if form == "vector" else ("stack",)  # noqa: E731
+        layouts = {
+            "scale": per_form(forms[0]),
+            "scale_in": "a",
+            "scale_out": "b",
+            "prompt": ("stack", "in"),
+            "prompt_in": ("stack", "in", "r"),
+            "prompt_out": ("stack", "r"),
+            "bias_scale": per_form(forms[2]),
+            "bias_shift": per_form(forms[3]),
+        }
+        slow = ("scale_in", "prompt_out")
+        return {
+            f"glora_{n}": (layouts[n], _variant.BASE if n in slow else _variant.FAST)
+            for n in t.glora.arrays()
+        }
+
+    def meta(self, t):
+        return {"forms": list(t.glora.forms), "bias_path": t.glora.bias_path}
+
+    def restore(self, t, arrays, meta):
+        if meta is None:
+            return t
+        parts = GloraParts(
+            forms=tuple(meta["forms"]),
+            bias_path=meta["bias_path"],
+            **{n[len("glora_") :]: x for n, x in arrays.items()},
+        )
+        return dataclasses.replace(t, glora=parts)
+
+    def check_entry(self, entry: dict, where: str) -> None:
+        arrays = entry["arrays"]
+        if "glora" not in entry:
+            if any(self.owns(n) for n in arrays):
+                raise ValueError(f"{where} has glora_* arrays but no glora metadata; corrupted.")
+            return
+        a, b = arrays["a"]["shape"], arrays["b"]["shape"]
+        check_entry(entry["glora"], arrays, a, b, len(entry["stack_axes"]), where)
+
+    def frozen_paths(self, t):
+        return (t.glora.bias_path,) if t.glora.bias_scale is not None else ()
+
+    def terms(self, t, terms, frozen_at):
+        bias = None
+        if t.glora.bias_scale is not None:
+            bias = frozen_at(t.glora.bias_path)
+            if bias is None:
+                raise ValueError(
+                    f"'{t.glora.bias_path}': the GLoRA bias scale D of the weight beside it "
+                    f"needs this frozen bias, which the frozen tree lacks; pass the pair "
+                    f"returned by the same lj.split."
+                )
+        base, col, shift = implicit_terms(terms.base, t, bias)
+        return dataclasses.replace(terms, base=base, col=col, shift=shift)
+
+    def merged(self, w, t):
+        return merged_weight(w, t)
+
+    def merged_others(self, t, w, frozen_at):
+        path = t.glora.bias_path
+        return {path: merged_bias(frozen_at(path), w, t)} if path else {}
+
+    def unmerged(self, merged, t, state, path):
+        return unmerged_weight(merged, t)
+
+    def unmerged_others(self, t, w0, merged_at):
+        path = t.glora.bias_path
+        return {path: unmerged_bias(merged_at(path), w0, t)} if path else {}
 
 
-def merged_bias(bias: jax.Array, w: jax.Array, t: Any) -> jax.Array:
-    """``b0 + b0 ⊙ D + E + C · W0`` in the bias's dtype (``w`` is the original W0)."""
-    delta = bias_delta(w, t, bias)
-    return (bias.astype(delta.dtype) + delta).astype(bias.dtype)
-
-
-def unmerged_bias(merged: jax.Array, w: jax.Array, t: Any) -> jax.Array:
-    """Inverse of :func:`merged_bias`: ``(b - E - C · W0) / (1 + D)``."""
-    g = t.glora
-    compute = wide_dtype(merged.dtype, w.dtype, t.a.dtype)
-    rest = dataclasses.replace(t, glora=dataclasses.replace(g, bias_scale=None))
-    shift = bias_delta(w, rest, None)
-    b = merged.astype(compute) - (0.0 if shift is None else shift)
-    if g.bias_scale is not None:
-        b = b / (1 + _columns(g.bias_scale.astype(compute), t))
-    return b.astype(merged.dtype)
+GLORA = _variant.register(GloraVariant())

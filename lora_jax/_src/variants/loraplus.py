@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -10,17 +9,10 @@ from typing import Any
 import jax
 import optax
 
+from lora_jax._src.core import variant as _variant
 from lora_jax._src.core.factors import LoraFactors
 from lora_jax._src.core.trees import is_node
-
-BASE, FAST = "base", "fast"
-
-
-def _glora_labels(g: Any) -> Any:
-    """GLoRA's random-init halves (``scale_in``, ``prompt_out``) learn like ``a``; the
-    zero-init halves and the vectors/scalars like ``b``."""
-    slow = ("scale_in", "prompt_out")
-    return dataclasses.replace(g, **{n: BASE if n in slow else FAST for n in g.arrays()})
+from lora_jax._src.core.variant import BASE, FAST
 
 
 def lora_plus_labels(trainable: Any) -> Any:
@@ -35,14 +27,11 @@ def lora_plus_labels(trainable: Any) -> Any:
 
     def leaf(t: Any) -> Any:
         if isinstance(t, LoraFactors):
-            return dataclasses.replace(
-                t,
-                a=BASE,
-                b=FAST,
-                magnitude=None if t.magnitude is None else FAST,
-                singular=None if t.singular is None else BASE,
-                glora=None if t.glora is None else _glora_labels(t.glora),
-            )
+            static = any(v.static_factors for v in _variant.present(t))
+            out = t if static else t.with_factors(BASE, FAST)
+            for v in _variant.present(t):  # each variant names the group of its arrays
+                out = v.replace(out, {n: group for n, (_, group) in v.layout(t).items()})
+            return out
         return None if t is None else BASE
 
     return jax.tree.map(leaf, trainable, is_leaf=is_node)

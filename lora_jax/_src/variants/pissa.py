@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src.core.factors import LoraFactors, wide_dtype
-from lora_jax._src.core.rules import _PISSA_NITER
+from lora_jax._src.core import variant as _variant
+from lora_jax._src.core.factors import LoraFactors, lora_delta, wide_dtype
+from lora_jax._src.core.qarray import QuantizedArray
+from lora_jax._src.core.rules import _PISSA_NITER, is_principal_init
 from lora_jax._src.core.trees import is_node, leaves_with_paths
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
@@ -97,6 +99,35 @@ def principal_factors(
     a = a.reshape(s_shape + tuple(shape[i] for i in ins) + (rank,))
     b = b.reshape(s_shape + (rank,) + tuple(shape[i] for i in outs))
     return a, b
+
+
+class Principal(_variant.Variant):
+    """The plug-in hooks: ``init="pissa"``/``"olora"`` start the factors at a principal part
+    of W0 and make the residual the frozen base (nothing is added to the factors)."""
+
+    name = "pissa"
+    title = "PiSSA/OLoRA"
+    exclusive = False
+    changes_base = True
+
+    def wants(self, rule: Any) -> bool:
+        return is_principal_init(rule.init)
+
+    def init(self, factors, base, ctx):
+        if isinstance(base, QuantizedArray):
+            raise TypeError(
+                f"'{ctx.path}' is quantised but init={ctx.rule.init!r} replaces the base by the "
+                f"residual W0 - scale * a @ b; split the float weights, then lj.quantize the "
+                f"frozen tree."
+            )
+        rule = ctx.rule
+        a, b = principal_factors(base, rule.init, rule.rank, rule.scale, ctx.axes, ctx.key)
+        factors = factors.with_factors(a.astype(rule.param_dtype), b.astype(rule.param_dtype))
+        wide = wide_dtype(base.dtype, rule.param_dtype)  # W0 = residual + scale * a @ b
+        return factors, (base.astype(wide) - lora_delta(factors, wide)).astype(base.dtype)
+
+
+PRINCIPAL = _variant.register(Principal())
 
 
 def principal_to_lora(initial: Any, trainable: Any) -> Any:
