@@ -172,6 +172,9 @@ class AdapterCheckpointManager:
             if jax.process_count() > 1:  # process 0 has removed the leftovers
                 multihost_utils.sync_global_devices(f"lora_jax.manager:{self.directory}")
             self._started = True
+        if not os.access(self.directory, os.W_OK | os.X_OK):  # before orbax's threads start
+            err = PermissionError(f"{self.directory} is not writable (read-only or permissions)")
+            raise self._save_error(step, err)
         self._mgr.reload()  # see steps other writers removed
         latest = self._mgr.latest_step()
         if latest is not None and step <= latest:
