@@ -1,6 +1,6 @@
 """Training-step and inference benchmark of the factored engine (ratios, one process, one thread).
 
-Workload (../shared/BENCHMARKS.md): decoder-only LM, 4 layers, d_model 512, 8 heads, MLP 2048,
+Workload (lora_jax.models.gpt.BENCH): decoder-only LM, 4 layers, d_model 512, 8 heads, MLP 2048,
 vocab 8192, seq 128, batch 4, float32, AdamW; LoRA r = 8 on q, k, v, o, fc1, fc2. Configurations
 are stepped in turn inside one process and the medians compared:
 

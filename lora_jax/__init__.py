@@ -1,5 +1,7 @@
 """lora_jax: LoRA and QLoRA fine-tuning for any JAX function."""
 
+import importlib.metadata as _metadata
+
 from . import checkpoint as checkpoint
 from . import peft as peft
 from ._src.core.factors import LoraFactors as LoraFactors
@@ -49,7 +51,10 @@ from ._src.variants.loraplus import lora_plus_labels as lora_plus_labels
 from ._src.variants.pissa import principal_to_lora as principal_to_lora
 from ._src.variants.vera import Vera as Vera
 
-__version__ = "0.1.0"
+try:  # pyproject.toml's version is the one source; a source tree that is not installed has none
+    __version__ = _metadata.version("lora_jax")
+except _metadata.PackageNotFoundError:
+    __version__ = "0+unknown"
 
 __all__ = [
     "checkpoint",

@@ -24,7 +24,7 @@ class Config:
     max_len: int = 128
 
 
-BENCH = Config()  # the benchmark workload of ../shared/BENCHMARKS.md (21.0M parameters)
+BENCH = Config()  # the benchmark workload of experiments/bench_step.py (21.0M parameters)
 LORA_TARGETS = r"layers/(attn/(q|k|v|o)|mlp/(fc1|fc2))/kernel"
 
 

@@ -9,6 +9,7 @@ import pytest
 from cases import random_factors
 
 import lora_jax as lj
+from lora_jax._src.core.nbytes import tree_bytes
 from lora_jax.models import gpt
 
 CFG = gpt.Config(vocab=64, d_model=256, n_heads=4, d_ff=512, n_layers=4, max_len=16)
@@ -64,7 +65,7 @@ def test_qlora_step_memory():
     ):
         mem[name] = jax.jit(_step(materialize)).lower(frozen, trainable).compile().memory_analysis()
     # Arguments are exactly the quantised storage plus the rest: nothing is dequantised up front.
-    expected_args = lj._src.ops.merge.nbytes(frozen_q) + lj._src.ops.merge.nbytes(trainable)
+    expected_args = tree_bytes(frozen_q) + tree_bytes(trainable)
     assert mem["qlora"].argument_size_in_bytes == expected_args
     # 4.127 bits per quantised weight (packed codes, 8-bit absmax, absmax2 and offset).
     quantised = [

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import jax
 
+from lora_jax._src.core.nbytes import tree_bytes
+
 
 class QuantizedArray:
     """Base class of packed low-bit weights (NF4, int4). Subclasses implement these."""
@@ -38,4 +40,5 @@ class QuantizedArray:
 
     @property
     def nbytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
+        """Bytes as stored: every array field, 4-bit fields two values per byte."""
+        return tree_bytes(self)

@@ -192,12 +192,3 @@ def count_params(tree: Any) -> int:
         elif isinstance(leaf, QuantizedArray) or hasattr(leaf, "shape"):
             total += int(np.prod(leaf.shape))
     return total
-
-
-def nbytes(tree: Any) -> int:
-    """Bytes held by the arrays of a tree (works on abstract ``ShapeDtypeStruct`` trees)."""
-    return sum(
-        int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-        for x in jax.tree.leaves(tree)
-        if hasattr(x, "dtype")
-    )

@@ -9,8 +9,9 @@ import numpy as np
 
 from lora_jax._src.core import variant as _variant
 from lora_jax._src.core.factors import LoraFactors
+from lora_jax._src.core.nbytes import tree_bytes
 from lora_jax._src.core.trees import leaves_with_paths
-from lora_jax._src.ops.merge import factor_params, nbytes
+from lora_jax._src.ops.merge import factor_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,6 @@ def summary(frozen: Any, trainable: Any) -> LoraSummary:
         rows=tuple(rows),
         trainable_params=sum(r.trainable for r in rows),
         frozen_params=frozen_params,
-        trainable_bytes=nbytes(trainable),
-        frozen_bytes=nbytes(frozen),
+        trainable_bytes=tree_bytes(trainable),
+        frozen_bytes=tree_bytes(frozen),
     )

@@ -98,11 +98,6 @@ class Int4Array(QuantizedArray):
     def shape(self) -> tuple[int, ...]:
         return tuple(self.codes.shape[:-1]) + self.inner_shape
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes as stored: int4 codes two per byte, plus the float32 scales."""
-        return math.ceil(math.prod(self.codes.shape) / 2) + 4 * math.prod(self.scale.shape)
-
     def quantize_like(self, x: jax.Array) -> Int4Array:
         stack = len(self.shape) - len(self.inner_shape)
         return quantize_int4(x, block_size=self.block_size, stack_axes=stack)

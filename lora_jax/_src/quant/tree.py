@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax._src.core.factors import LoraFactors
+from lora_jax._src.core.nbytes import array_bytes, tree_bytes
 from lora_jax._src.core.qarray import QuantizedArray
 from lora_jax._src.core.rules import LoraRule
 from lora_jax._src.core.trees import is_node, leaves_with_paths
@@ -149,23 +150,6 @@ def quantize(
         raise ValueError("quantize: the selection picked no weight (only None leaves or none).")
     treedef = jax.tree.structure(frozen, is_leaf=is_node)
     return jax.tree.unflatten(treedef, out)
-
-
-def array_bytes(x: Any) -> int:
-    """Bytes of one array (or ShapeDtypeStruct) as stored; 4-bit dtypes pack two per byte."""
-    dtype = jnp.dtype(x.dtype)
-    if jnp.issubdtype(dtype, jnp.integer):
-        bits = jnp.iinfo(dtype).bits
-    elif jnp.issubdtype(dtype, jnp.floating):
-        bits = jnp.finfo(dtype).bits
-    else:
-        bits = 8 * dtype.itemsize
-    return math.ceil(math.prod(x.shape) * bits / 8)
-
-
-def tree_bytes(tree: Any) -> int:
-    """Bytes held by every array leaf of ``tree`` (quantised arrays by their packed fields)."""
-    return sum(array_bytes(x) for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
 def _size(b: int) -> str:

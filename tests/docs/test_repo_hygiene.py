@@ -1,0 +1,36 @@
+"""What the package says about itself: one version source, no pointers outside the repository."""
+
+import importlib.metadata
+import pathlib
+import re
+
+import lora_jax as lj
+
+ROOT = pathlib.Path(__file__).parents[2]
+# A sibling checkout (../shared), or a machine's own absolute paths.
+OUTSIDE = re.compile(r"\.\./shared|(?<![\w.~])/(?:work|root|home|Users)/")
+
+
+def test_version_is_pyprojects_read_from_package_metadata():
+    pyproject = (ROOT / "pyproject.toml").read_text()  # tomllib needs Python 3.11
+    declared = re.search(r'^\[project\][^[]*?^version = "([^"]+)"', pyproject, re.M | re.S)[1]
+    assert lj.__version__ == importlib.metadata.version("lora_jax") == declared
+    init = (ROOT / "lora_jax" / "__init__.py").read_text()
+    assert not re.search(r"__version__\s*=\s*['\"]\d+\.\d+", init), "version written twice"
+
+
+def test_no_pointers_to_files_outside_the_repository():
+    files = [
+        ROOT / "README.md",
+        *(ROOT / "docs").rglob("*.md"),
+        *(ROOT / "lora_jax").rglob("*.py"),
+        *(ROOT / "experiments").glob("*.py"),
+        *(ROOT / "notebooks").glob("*.ipynb"),
+    ]
+    hits = [
+        f"{f.relative_to(ROOT)}:{n}: {line.strip()}"
+        for f in files
+        for n, line in enumerate(f.read_text().splitlines(), 1)
+        if OUTSIDE.search(line)
+    ]
+    assert not hits, "\n".join(hits)
