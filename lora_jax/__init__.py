@@ -1,6 +1,8 @@
 """lora_jax: LoRA and QLoRA fine-tuning for any JAX function."""
 
 from . import checkpoint as checkpoint
+from . import eqx as eqx
+from . import nnx as nnx
 from . import peft as peft
 from ._src.core.factors import LoraFactors as LoraFactors
 from ._src.core.factors import lora_delta as lora_delta
@@ -27,6 +29,7 @@ from ._src.ops.merge import unmerge as unmerge
 from ._src.ops.sharding import factor_shardings as factor_shardings
 from ._src.ops.sharding import nf4_shardings as nf4_shardings
 from ._src.ops.sharding import split_sharded as split_sharded
+from ._src.ops.split import LoraLayoutWarning as LoraLayoutWarning
 from ._src.ops.split import split as split
 from ._src.ops.summary import LoraSummary as LoraSummary
 from ._src.ops.summary import summary as summary
@@ -52,6 +55,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "checkpoint",
+    "eqx",
+    "nnx",
     "peft",
     "AdaLoraState",
     "AdapterBank",
@@ -65,6 +70,7 @@ __all__ = [
     "NonFiniteError",
     "check_finite",
     "finite_guard",
+    "LoraLayoutWarning",
     "LoraMaterializeWarning",
     "LoraRule",
     "LoraSummary",
