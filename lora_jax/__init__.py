@@ -3,6 +3,8 @@
 import importlib.metadata as _metadata
 
 from . import checkpoint as checkpoint
+from . import eqx as eqx
+from . import nnx as nnx
 from . import peft as peft
 from ._src.core.factors import LoraFactors as LoraFactors
 from ._src.core.factors import lora_delta as lora_delta
@@ -28,6 +30,7 @@ from ._src.ops.merge import merge as merge
 from ._src.ops.merge import unmerge as unmerge
 from ._src.ops.sharding import factor_shardings as factor_shardings
 from ._src.ops.sharding import nf4_shardings as nf4_shardings
+from ._src.ops.split import LoraLayoutWarning as LoraLayoutWarning
 from ._src.ops.split import split as split
 from ._src.ops.split import split_sharded as split_sharded
 from ._src.ops.summary import LoraSummary as LoraSummary
@@ -58,6 +61,8 @@ except _metadata.PackageNotFoundError:
 
 __all__ = [
     "checkpoint",
+    "eqx",
+    "nnx",
     "peft",
     "AdaLoraState",
     "AdapterBank",
@@ -72,6 +77,7 @@ __all__ = [
     "NonFiniteError",
     "check_finite",
     "finite_guard",
+    "LoraLayoutWarning",
     "LoraMaterializeWarning",
     "LoraRule",
     "LoraSummary",

@@ -15,6 +15,9 @@ PyTorch state-dict key of the same weight. Both are templates in which
 
 * ``linear``: ``nn.Linear.weight (out, in)``, our kernel ``(in, out)`` is its transpose;
   PEFT stores ``lora_A.weight (r, in)`` and ``lora_B.weight (out, r)``.
+* ``linear_out_in``: ``nn.Linear.weight (out, in)`` stored as it is, as Equinox's
+  ``eqx.nn.Linear.weight`` and torch ports do: our leaf *is* the torch tensor, and its
+  factors have ``in_axes=(1,)`` (``split`` with ``apply_fn=`` finds that).
 * ``embedding``: ``nn.Embedding.weight (vocab, dim)``, the same as ours; PEFT stores
   ``lora_embedding_A (r, vocab)`` and ``lora_embedding_B (dim, r)``.
 * ``vector``: biases and norm weights ``(n,)``, the same as ours (only ever fully trained,
@@ -40,7 +43,7 @@ from safetensors import safe_open
 
 from lora_jax._src.io.safe_io import check_float_tensor, read_json, safetensors_header
 
-LAYOUTS = ("linear", "embedding", "vector")
+LAYOUTS = ("linear", "linear_out_in", "embedding", "vector")
 _LAYER = re.escape("{layer}")
 
 

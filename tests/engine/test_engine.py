@@ -124,21 +124,23 @@ def test_dropout_only_touches_adapter_branch():
     fn = lambda p, x: x @ p["w"]
     apply = jax.jit(lj.lora_apply(fn))
     # b = 0: the adapter branch is zero, so dropout cannot change the output.
-    np.testing.assert_array_equal(apply(frozen, trainable, x, rng=jax.random.key(5)), fn(params, x))
+    np.testing.assert_array_equal(
+        apply(frozen, trainable, x, lora_rng=jax.random.key(5)), fn(params, x)
+    )
     trainable = random_factors(trainable, jax.random.key(3))
     plain = apply(frozen, trainable, x)
-    d1 = apply(frozen, trainable, x, rng=jax.random.key(5))
-    d2 = apply(frozen, trainable, x, rng=jax.random.key(5))
-    d3 = apply(frozen, trainable, x, rng=jax.random.key(6))
+    d1 = apply(frozen, trainable, x, lora_rng=jax.random.key(5))
+    d2 = apply(frozen, trainable, x, lora_rng=jax.random.key(5))
+    d3 = apply(frozen, trainable, x, lora_rng=jax.random.key(6))
     np.testing.assert_array_equal(d1, d2)
     assert not np.allclose(d1, plain) and not np.allclose(d1, d3)
     # Inverted dropout: the mean over many masks approaches the deterministic output.
     keys = jax.random.split(jax.random.key(7), 400)
-    samples = jax.vmap(lambda k: apply(frozen, trainable, x, rng=k))(keys)
+    samples = jax.vmap(lambda k: apply(frozen, trainable, x, lora_rng=k))(keys)
     stderr = samples.std(0) / np.sqrt(len(keys))
     assert np.all(np.abs(samples.mean(0) - plain) <= 5 * stderr + 1e-5)
     with pytest.raises(ValueError, match="dropout needs the factored engine"):
-        lj.lora_apply(fn, materialize=True)(frozen, trainable, x, rng=jax.random.key(0))
+        lj.lora_apply(fn, materialize=True)(frozen, trainable, x, lora_rng=jax.random.key(0))
 
 
 def _control_flow_fns():

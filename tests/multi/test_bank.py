@@ -350,7 +350,7 @@ def _err_case(name):
         ),
         "not_bank": lambda: apply(frozen, t, x, adapter_ids=jnp.zeros(2, jnp.int32)),
         "no_ids": lambda: apply(frozen, bank, x),
-        "rng": lambda: apply(frozen, bank, x, adapter_ids=0, rng=jax.random.key(0)),
+        "rng": lambda: apply(frozen, bank, x, adapter_ids=0, lora_rng=jax.random.key(0)),
         "ids_dtype": lambda: apply(frozen, bank, x, adapter_ids=jnp.zeros(2)),
         "ids_range": lambda: apply(frozen, bank, x, adapter_ids=jnp.array([0, 3])),
         "in_axes": lambda: apply(

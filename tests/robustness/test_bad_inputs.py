@@ -236,8 +236,8 @@ CASES = [
          r".* by 'reduce_sum'.* Use lj.Glora\(c='none', d='none', e='none'\)"),
     Case("lora_apply", "dropout-rng-materialize", lambda d: lj.lora_apply(
          lambda p, x: x @ p["q"]["kernel"], materialize=True)(*lj.split(PARAMS, [lj.LoraRule(
-             S, rank=2, dropout=0.1)], key=KEY), X, rng=KEY), ValueError,
-         r"LoRA dropout needs the factored engine; use materialize=False or no rng"),
+             S, rank=2, dropout=0.1)], key=KEY), X, lora_rng=KEY), ValueError,
+         r"LoRA dropout needs the factored engine; use materialize=False or no lora_rng"),
     # ---- merge / unmerge ----------------------------------------------------------------
     Case("merge", "swapped-trees", lambda d: lj.merge(TRAINABLE, FROZEN), ValueError,
          r"'q/kernel': trainable holds a fully trained array but frozen also holds one"),

@@ -59,7 +59,7 @@ class LoraRule:
     # Leading axes that index stacked layers (each gets its own factors).
     # None: () for a 2-D weight; inferred from the function for higher ranks.
     stack_axes: tuple[int, ...] | None = None
-    # Dropout probability on the adapter branch's input (needs an `rng` at apply time).
+    # Dropout probability on the adapter branch's input (needs `lora_rng=` at apply time).
     dropout: float = 0.0
     # Storage dtype of the factors.
     param_dtype: Any = jnp.float32

@@ -3,6 +3,14 @@
 ``frozen`` mirrors the parameter tree with ``None`` at fully trained leaves;
 ``trainable`` mirrors it with a :class:`LoraFactors` at adapted leaves, the
 array at fully trained leaves and ``None`` elsewhere.
+
+Any pytree works (dicts, NamedTuples, Flax ``nnx.State`` and NNX modules, linen
+``Partitioned`` boxes, Equinox modules, custom nodes): ``None`` is walked as a leaf
+so the frozen and trainable trees keep the parameter tree's exact structure.
+A ``None`` the user's tree already had (a bias-free layer, an ``eqx.partition``
+hole) is ``None`` in both trees, a fully trained leaf only in ``frozen``; leaves
+that are not arrays (an Equinox module's activation function, a Python number)
+are *static*: kept in ``frozen`` as they are and never traced.
 """
 
 from __future__ import annotations
@@ -21,6 +29,16 @@ from lora_jax._src.core.rules import path_str
 def is_node(x: Any) -> bool:
     """Leaves of a frozen/trainable tree: None holes, factors and quantised arrays."""
     return x is None or isinstance(x, LoraFactors | QuantizedArray)
+
+
+def is_weight(x: Any) -> bool:
+    """Array-like leaves (arrays, quantised arrays, ShapeDtypeStructs): what can be traced."""
+    return x is not None and hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def is_static(x: Any) -> bool:
+    """Leaves that are neither holes nor arrays: carried along untouched, never traced."""
+    return x is not None and not is_weight(x) and not isinstance(x, LoraFactors)
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:

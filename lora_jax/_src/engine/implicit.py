@@ -299,8 +299,32 @@ def dynamic_slice(v: Adapted, starts: Sequence[Any], sizes: Sequence[int]) -> Ad
     return dataclasses.replace(v, base=base, shape=tuple(sizes), **_factor_slice(v, cut))
 
 
+def drop_whole_axes(shape: Sequence[int], indices: Any, params: dict) -> tuple[Any, dict]:
+    """``(indices, params)`` of the same gather without the axes it slices whole.
+
+    ``jax.vmap`` of ``w[i]`` (how ``eqx.nn.Embedding`` is called) gathers with a start
+    index on every axis of ``w``, the row's columns taken whole from a start that clamping
+    (``CLIP``) or the caller's promise (``PROMISE_IN_BOUNDS``) pins to 0: such an axis is
+    not indexed at all.
+    """
+    dn, sizes = params["dimension_numbers"], params["slice_sizes"]
+    modes = (lax.GatherScatterMode.CLIP, lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    whole = [
+        i
+        for i, ax in enumerate(dn.start_index_map)
+        if sizes[ax] == shape[ax] and ax not in dn.collapsed_slice_dims
+    ]
+    if not whole or len(whole) == len(dn.start_index_map) or params["mode"] not in modes:
+        return indices, params
+    keep = [i for i in range(len(dn.start_index_map)) if i not in whole]
+    dn = dn._replace(start_index_map=tuple(dn.start_index_map[i] for i in keep))
+    indices = None if indices is None else indices[..., jnp.asarray(keep)]
+    return indices, {**params, "dimension_numbers": dn}
+
+
 def gather(v: Adapted, indices: jax.Array, params: dict) -> Adapted:
     """Gather rows of the view: the factor(s) holding the indexed axes gather the same rows."""
+    indices, params = drop_whole_axes(v.shape, indices, params)
     dn = params["dimension_numbers"]
     if dn.operand_batching_dims:
         raise Unfactorable("gather with operand batching dims")

@@ -15,8 +15,8 @@ from typing import Any
 import jax
 from jax.extend import core as jcore
 
-from lora_jax._src.core.trees import is_node, leaves_with_paths
-from lora_jax._src.engine.implicit import _groups
+from lora_jax._src.core.trees import is_node, is_weight, leaves_with_paths
+from lora_jax._src.engine.implicit import _groups, drop_whole_axes
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call")
@@ -77,6 +77,8 @@ def _step(eqn: Any, ins: list[Any], found: dict, ndims: dict) -> list[Any]:
             stack = p.stack | frozenset().union(*(p.origins[i] for i in gone))
             kept = tuple(o for i, o in enumerate(p.origins) if i not in gone)
             return [dataclasses.replace(p, origins=kept, stack=stack)]
+        _, prm = drop_whole_axes(eqn.invars[0].aval.shape, None, prm)
+        dn = prm["dimension_numbers"]
         _decide(p, set(dn.start_index_map), set(), found, ndims[p.path])
         return [None]
     if name == "dot_general":
@@ -133,30 +135,38 @@ def infer_axes(
     args: Sequence[Any],
     kwargs: dict,
     argnum: int,
+    optional: Sequence[str] = (),
 ) -> dict[str, Axes]:
     """(stack_axes, in_axes, out_axes) of each weight in ``paths`` from its first use in ``fn``.
 
+    Leaves of ``params`` that are not arrays (an Equinox module's functions) are closed over.
+
     Raises:
-        ValueError: a weight is never contracted with anything inside ``fn``.
+        ValueError: a weight in ``paths`` but not in ``optional`` is never contracted with
+            anything inside ``fn``.
     """
     items = leaves_with_paths(params)
     treedef = jax.tree.structure(params, is_leaf=is_node)
-    abstract = [None if w is None else jax.ShapeDtypeStruct(w.shape, w.dtype) for _, w in items]
-    call = lambda leaves, a, k: fn(
-        *a[:argnum], jax.tree.unflatten(treedef, leaves), *a[argnum:], **k
-    )
+    arrays = [i for i, (_, w) in enumerate(items) if is_weight(w)]
+
+    def call(vals, a, k):
+        leaves = [w for _, w in items]
+        for i, v in zip(arrays, vals):
+            leaves[i] = v
+        return fn(*a[:argnum], jax.tree.unflatten(treedef, leaves), *a[argnum:], **k)
+
+    abstract = [jax.ShapeDtypeStruct(items[i][1].shape, items[i][1].dtype) for i in arrays]
     closed = jax.make_jaxpr(call)(abstract, tuple(args), kwargs)
     wanted = set(paths)
     probes = [
-        _Probe(p, tuple(frozenset([i]) for i in range(len(w.shape)))) if p in wanted else None
-        for (p, w) in items
-        if w is not None
+        _Probe(p, tuple(frozenset([j]) for j in range(len(w.shape)))) if p in wanted else None
+        for p, w in (items[i] for i in arrays)
     ]
     n_rest = len(closed.jaxpr.invars) - len(probes)
     found: dict[str, Axes] = {}
     ndims = {p: len(w.shape) for p, w in items if p in wanted}
     _walk(closed.jaxpr, probes + [None] * n_rest, found, ndims)
-    missing = [p for p in paths if p not in found]
+    missing = [p for p in paths if p not in found and p not in set(optional)]
     if missing:
         raise ValueError(
             f"could not infer the input axes of {missing}: the function never contracts them "

@@ -176,7 +176,11 @@ VIEWS = {
 def _dot(eqn: Any, invals: Sequence[Any], ctx: Context) -> list[Any]:
     lhs, rhs = invals
     if isinstance(lhs, Adapted) and isinstance(rhs, Adapted):
-        lhs = ctx.fallback(lhs, "dot_general", "both operands are adapted weights")
+        # An indexed view (embedding rows) is activations, not a weight: that one is formed.
+        if rhs.indexed and not lhs.indexed:
+            rhs = ctx.fallback(rhs, "dot_general", "both operands are adapted weights")
+        else:
+            lhs = ctx.fallback(lhs, "dot_general", "both operands are adapted weights")
     w, x, x_is_lhs = (rhs, lhs, True) if isinstance(rhs, Adapted) else (lhs, rhs, False)
     p = eqn.params
 

@@ -67,8 +67,12 @@ def split_point(shape: tuple[int, ...], d_in: int, d_out: int) -> int | None:
     return None
 
 
-def read_factors(tensors, consumed, config, module, path, w_shape, stacked_index):
-    """(a, b, alpha, k, singular, magnitude) of one torch module, or None if it is not adapted."""
+def read_factors(tensors, consumed, config, module, path, w_shape, stacked_index, out_in=False):
+    """(a, b, alpha, (in_axes, out_axes), singular, magnitude) of one torch module, or None.
+
+    ``w_shape`` is the (per-layer) weight's shape: ``(*in, *out)``, or ``(*out, *in)`` when
+    ``out_in`` (a torch-layout weight, key map layout ``linear_out_in``).
+    """
     adalora = config.get("peft_type") == "ADALORA"
     pairs = (("lora_A", "lora_B"),) if adalora else ()
     pairs += (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
@@ -92,15 +96,21 @@ def read_factors(tensors, consumed, config, module, path, w_shape, stacked_index
     if A.ndim != 2 or A.shape[0] != r:
         raise ValueError(f"'{ka}' has shape {A.shape}; r={r} in {CONFIG_NAME} expects ({r}, in).")
     d_in = A.shape[1]
-    k = split_point(w_shape, d_in, B.shape[0]) if B.ndim == 2 else None
+    d_first, d_last = (B.shape[0], d_in) if out_in else (d_in, B.shape[0])
+    k = split_point(w_shape, d_first, d_last) if B.ndim == 2 else None
     if B.ndim != 2 or B.shape[1] != r or k is None:
         raise ValueError(
             f"'{ka}' {A.shape} and '{kb}' {B.shape} do not fit the base weight {where} of shape "
             f"{w_shape}: expected ({r}, in) and (out, {r}) with in * out = "
             f"{math.prod(w_shape)}; load onto the model the adapter was trained for."
         )
-    a = A.T.reshape(*w_shape[:k], r)
-    b = B.T.reshape(r, *w_shape[k:])
+    ins, outs = (w_shape[k:], w_shape[:k]) if out_in else (w_shape[:k], w_shape[k:])
+    a = A.T.reshape(*ins, r)
+    b = B.T.reshape(r, *outs)
+    n = len(w_shape)
+    axes = (
+        (tuple(range(k, n)), tuple(range(k))) if out_in else (tuple(range(k)), tuple(range(k, n)))
+    )
     magnitude = None
     if config.get("use_dora", False):
         km = f"{ROOT}{module}.lora_magnitude_vector"
@@ -111,8 +121,8 @@ def read_factors(tensors, consumed, config, module, path, w_shape, stacked_index
                 f"({B.shape[0]},). The file is incomplete."
             )
         consumed.add(km)
-        magnitude = tensors[km].reshape(w_shape[k:])
-    return a, b, float(alpha), k, (E if adalora else None), magnitude
+        magnitude = tensors[km].reshape(outs)
+    return a, b, float(alpha), axes, (E if adalora else None), magnitude
 
 
 def adalora_tensors(tensors, consumed, config, module, ka, A, B):
@@ -163,8 +173,12 @@ def check_base_copy(tensors, consumed, prefix, tg, w, path) -> None:
         )
 
 
-def full_leaf(tensors, consumed, prefixes, key_map, path, directory) -> jax.Array:
-    """A fully trained leaf (``None`` in frozen) from its ``modules_to_save`` tensors."""
+def full_leaf(tensors, consumed, prefixes, key_map, path, directory) -> jax.Array | None:
+    """A fully trained leaf (``None`` in frozen) from its ``modules_to_save`` tensors.
+
+    ``None`` when the key map has no entry for ``path``: the model's tree itself holds
+    ``None`` there (a bias-free layer, an ``eqx.partition`` hole).
+    """
     try:
         try:
             tgts, stacked = [key_map.to_hf(path)], False
@@ -172,8 +186,8 @@ def full_leaf(tensors, consumed, prefixes, key_map, path, directory) -> jax.Arra
             tgts, stacked = [], True
             while any(ROOT + p + key_map.to_hf(path, len(tgts)).key in tensors for p in prefixes):
                 tgts.append(key_map.to_hf(path, len(tgts)))
-    except KeyError as e:
-        raise ValueError(f"frozen has None at '{path}' (trained fully) but {e}") from e
+    except KeyError:  # not a torch module: a hole of the model's own tree (eqx.partition)
+        return None
     keys = []
     for tg in tgts:
         found = [ROOT + p + tg.key for p in prefixes if ROOT + p + tg.key in tensors]
@@ -199,7 +213,7 @@ def assemble(found, stacked, shape, config, path) -> LoraFactors | None:
             f"'{path}' stacks {len(found)} layers but the adapter gives them different ranks, "
             f"alphas or shapes; PEFT adapters with per-layer ranks need an unstacked model."
         )
-    a0, b0, alpha, k, s0, m0 = present[0]
+    a0, b0, alpha, (ins, outs), s0, m0 = present[0]
     if m0 is not None and len(present) < len(found):
         raise ValueError(
             f"'{path}' stacks {len(found)} layers but the DoRA adapter covers only "
@@ -223,8 +237,8 @@ def assemble(found, stacked, shape, config, path) -> LoraFactors | None:
         magnitude=None if magnitude is None else jnp.asarray(magnitude),
         alpha=alpha,
         stack_axes=tuple(range(ns)),
-        in_axes=tuple(range(ns, ns + k)),
-        out_axes=tuple(range(ns + k, len(shape))),
+        in_axes=tuple(ns + i for i in ins),
+        out_axes=tuple(ns + i for i in outs),
         rslora=bool(config.get("use_rslora", False)),
         dropout=float(config.get("lora_dropout", 0.0)),
     )

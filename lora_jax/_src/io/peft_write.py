@@ -59,6 +59,27 @@ def _targets(key_map: KeyMap, path: str, n_layers: int | None) -> tuple[list[HFT
         return [key_map.to_hf(path, layer=i) for i in range(n_layers)], True
 
 
+def _check_orientation(path: str, t: LoraFactors, layout: str) -> None:
+    """Refuse factors whose input side contradicts the key map's torch layout.
+
+    ``linear`` leaves are ``(*in, *out)`` (a Flax kernel), ``linear_out_in`` leaves
+    ``(*out, *in)`` (the torch weight itself); factors built the other way round (e.g. an
+    Equinox weight split without ``apply_fn=``) would export ``lora_A`` on the output side.
+    """
+    want = {"linear": (t.in_axes, t.out_axes), "linear_out_in": (t.out_axes, t.in_axes)}
+    if layout not in want:
+        return
+    first, last = want[layout]
+    if max(first) > min(last):
+        expect = "(*in, *out)" if layout == "linear" else "(*out, *in)"
+        raise ValueError(
+            f"'{path}': the key map's layout {layout!r} stores this weight as {expect}, but its "
+            f"factors have in_axes={t.in_axes} and out_axes={t.out_axes}. Split with "
+            f"apply_fn= (or LoraRule(in_axes=...)) so that `a` is on the input side, or fix the "
+            f"key map's layout ('linear' for (in, out) kernels, 'linear_out_in' for (out, in))."
+        )
+
+
 def _number(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
@@ -180,6 +201,7 @@ def save_pretrained(
                     f"them); keep them in lj.save_adapters checkpoints or export "
                     f"lj.merge(frozen, trainable)."
                 )
+        _check_orientation(path, t, tgts[0].layout)
         a, b = np.asarray(t.a), np.asarray(t.b)
         singular = None if t.singular is None else np.asarray(t.singular)
         magnitude = None if t.magnitude is None else np.asarray(t.magnitude)
@@ -363,6 +385,7 @@ def load_pretrained(directory: str | os.PathLike, frozen: Any, *, key_map: KeyMa
                 path,
                 shape[stacked:],
                 i if stacked else None,
+                out_in=tg.layout == "linear_out_in",
             )
             for i, tg in enumerate(tgts)
             if tg.key == tg.module + ".weight"  # LoRA adapts a module's weight, never its bias

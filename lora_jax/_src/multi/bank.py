@@ -335,7 +335,7 @@ def apply_bank(
         )
     if rng is not None:
         raise ValueError(
-            "an AdapterBank runs without LoRA dropout, so rng= has no use here; drop rng= "
+            "an AdapterBank runs without LoRA dropout, so lora_rng= has no use here; drop it "
             "(train each adapter with its own trainable tree to use dropout)."
         )
     check_pair(frozen, jax.eval_shape(bank.select, 0))

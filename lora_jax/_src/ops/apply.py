@@ -12,7 +12,7 @@ import numpy as np
 from lora_jax._src.core import variant as _variant
 from lora_jax._src.core.factors import LoraFactors
 from lora_jax._src.core.qarray import QuantizedArray
-from lora_jax._src.core.trees import check_pair, is_node, leaves_with_paths
+from lora_jax._src.core.trees import check_pair, is_node, is_weight, leaves_with_paths
 from lora_jax._src.engine import interpreter as _engine
 from lora_jax._src.engine.implicit import Adapted, Deferred
 from lora_jax._src.ops.merge import merge
@@ -60,7 +60,7 @@ def _implicit(path: str, w: Any, t: Any, frozen_at: Callable[[str], Any]) -> Any
 def lora_apply(
     fn: Callable, *, argnum: int = 0, materialize: bool = False, strict: bool = False
 ) -> Callable:
-    """Turn ``fn(params, *args)`` into ``fn(frozen, trainable, *args, rng=None)``.
+    """Turn ``fn(params, *args)`` into ``fn(frozen, trainable, *args, lora_rng=None)``.
 
     By default (factored mode) each call traces ``fn`` (once per compilation when the
     call sits inside ``jax.jit``, as a training step does) and re-runs it with
@@ -79,8 +79,11 @@ def lora_apply(
         strict: raise instead of materialising an unfactorable use.
 
     Returns:
-        ``wrapped(frozen, trainable, *args, rng=None, **kwargs)``; ``rng`` enables the
-        rules' LoRA dropout on the adapter branch (deterministic when omitted). With an
+        ``wrapped(frozen, trainable, *args, lora_rng=None, **kwargs)``; ``lora_rng`` (a PRNG
+        key) enables the rules' LoRA dropout on the adapter branch (deterministic when
+        omitted). Every other keyword, ``rng`` included, reaches ``fn``. Leaves of
+        ``frozen`` that are not arrays (an Equinox module's functions) reach ``fn`` as they
+        are, never traced. With an
         :class:`AdapterBank` as ``trainable``, ``adapter_ids=`` picks a slot per example
         (see :func:`lora_jax.stack_adapters`).
 
@@ -97,7 +100,7 @@ def lora_apply(
         raise TypeError(f"lora_apply: fn={fn!r} is not callable; pass the model's apply function.")
 
     @functools.wraps(fn)
-    def wrapped(frozen: Any, trainable: Any, *args: Any, rng: jax.Array | None = None, **kw):
+    def wrapped(frozen: Any, trainable: Any, *args: Any, lora_rng: jax.Array | None = None, **kw):
         if not 0 <= argnum <= len(args):
             raise ValueError(
                 f"lora_apply: argnum={argnum} but the call has {len(args)} positional "
@@ -113,16 +116,16 @@ def lora_apply(
                     f"{type(trainable).__name__}; build one with lj.stack_adapters([trainable, "
                     f"...])."
                 )
-            return trainable.lora_apply_bank(wrapped, frozen, args, kw, ids, rng, axes)
+            return trainable.lora_apply_bank(wrapped, frozen, args, kw, ids, lora_rng, axes)
         check_pair(frozen, trainable)
         call = lambda params, args, kw: fn(*args[:argnum], params, *args[argnum:], **kw)
         if materialize:
-            if rng is not None and any(
+            if lora_rng is not None and any(
                 isinstance(t, LoraFactors) and t.dropout > 0
                 for _, t in leaves_with_paths(trainable)
             ):
                 raise ValueError(
-                    "LoRA dropout needs the factored engine; use materialize=False or no rng."
+                    "LoRA dropout needs the factored engine; use materialize=False or no lora_rng."
                 )
             return call(merge(frozen, trainable), args, kw)
 
@@ -134,25 +137,30 @@ def lora_apply(
             for (p, w), (_, t) in zip(f_items, t_items)
         ]
         treedef = jax.tree.structure(frozen, is_leaf=is_node)
+        traced_params = [i for i, x in enumerate(params_leaves) if is_weight(x)]
         dyn_leaves, dyn_tree = jax.tree.flatten((args, kw))
         dynamic = [i for i, x in enumerate(dyn_leaves) if _is_array(x)]
 
-        def traced(param_vals, dyn_vals):
-            leaves = list(dyn_leaves)
-            for i, x in zip(dynamic, dyn_vals):
+        def fill(leaves, where, values):
+            leaves = list(leaves)
+            for i, x in zip(where, values):
                 leaves[i] = x
-            a, k = jax.tree.unflatten(dyn_tree, leaves)
-            return call(jax.tree.unflatten(treedef, param_vals), a, k)
+            return leaves
 
+        def traced(param_vals, dyn_vals):
+            a, k = jax.tree.unflatten(dyn_tree, fill(dyn_leaves, dynamic, dyn_vals))
+            params = fill(params_leaves, traced_params, param_vals)
+            return call(jax.tree.unflatten(treedef, params), a, k)
+
+        inputs = [params_leaves[i] for i in traced_params]
         abstract = [
-            jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, Adapted) else x
-            for x in params_leaves
+            jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, Adapted) else x for x in inputs
         ]
         closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(
             abstract, [dyn_leaves[i] for i in dynamic]
         )
-        ctx = _engine.Context(strict=strict, rng=rng)
-        inputs = params_leaves + [dyn_leaves[i] for i in dynamic]
+        ctx = _engine.Context(strict=strict, rng=lora_rng)
+        inputs = inputs + [dyn_leaves[i] for i in dynamic]
         outs = _engine.run_closed(closed, inputs, ctx)
         outs = [ctx.fallback(o, "output") if isinstance(o, Adapted) else o for o in outs]
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from lora_jax._src.core import variant as _variant
 from lora_jax._src.core.factors import LoraFactors
 from lora_jax._src.core.qarray import QuantizedArray
 from lora_jax._src.core.rules import LoraRule, match_rules
-from lora_jax._src.core.trees import is_node, leaves_with_paths
+from lora_jax._src.core.trees import is_node, is_weight, leaves_with_paths
 from lora_jax._src.ops.sharding import Override, factor_shardings
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (stack, in, out)
@@ -138,6 +139,59 @@ def make_factors(
     return factors, base
 
 
+class LoraLayoutWarning(UserWarning):
+    """``split`` assumed the ``(in, out)`` layout of a 2-D weight (no ``apply_fn=`` to read it)."""
+
+
+def _infer(
+    items: list[tuple[str, Any]],
+    chosen: list[LoraRule | None],
+    apply_fn: Callable | None,
+    params: Any,
+    args: Sequence[Any],
+    kwargs: dict,
+    argnum: int,
+) -> dict[str, Axes]:
+    """Axes of the adapted weights whose rule leaves them open, read from ``apply_fn``.
+
+    Every such weight is looked up (2-D ones too: an ``(out, in)`` weight such as
+    ``eqx.nn.Linear.weight`` is contracted on axis 1). A 2-D weight that ``apply_fn`` never
+    contracts, or every 2-D weight when there is no ``apply_fn``, is assumed ``(in, out)``,
+    and one :class:`LoraLayoutWarning` lists them.
+    """
+    ndim = {
+        p: len(w.shape)
+        for (p, w), r in zip(items, chosen)
+        if r is not None
+        and not r.full
+        and r.in_axes is None
+        and (len(w.shape) > 2 or r.stack_axes is None)
+    }
+    wanted = list(ndim)
+    inferred: dict[str, Axes] = {}
+    if apply_fn is not None and wanted:
+        from lora_jax._src.engine.infer import infer_axes  # the engine sits above this module
+
+        two_d = [p for p, n in ndim.items() if n == 2]
+        inferred = infer_axes(apply_fn, params, wanted, args, kwargs, argnum, optional=two_d)
+        for p in two_d:  # a batched first use (no single in and out axis) says nothing here
+            if p in inferred and (inferred[p][0] or len(inferred[p][1]) != 1):
+                del inferred[p]
+    assumed = [p for p in wanted if p not in inferred and ndim[p] == 2]
+    if assumed:
+        shown = ", ".join(repr(p) for p in assumed[:4]) + (", ..." if len(assumed) > 4 else "")
+        why = "apply_fn never contracts them" if apply_fn is not None else "no apply_fn= was given"
+        warnings.warn(
+            f"split assumed the (in, out) layout (in_axes=(0,)) for {len(assumed)} 2-D "
+            f"weight(s) {shown} because {why}. Pass apply_fn= and args= to read each weight's "
+            f"layout from its first use, or set LoraRule(in_axes=(0,)) for (in, out) kernels "
+            f"(Flax) or in_axes=(1,) for (out, in) weights (Equinox, torch layout).",
+            LoraLayoutWarning,
+            stacklevel=3,
+        )
+    return inferred
+
+
 def split(
     params: Any,
     rules: Sequence[LoraRule] | LoraRule,
@@ -152,12 +206,19 @@ def split(
 
     Args:
         params: any pytree of arrays (or quantised arrays, or ShapeDtypeStructs under
-            ``jax.eval_shape``).
+            ``jax.eval_shape``): dicts, NamedTuples, ``nnx.State`` or an NNX module, linen
+            ``Partitioned`` boxes, an Equinox module or ``eqx.partition`` half. ``None``
+            leaves stay ``None`` in both returned trees; leaves that are not arrays
+            (functions, Python numbers) stay in ``frozen`` untouched.
         rules: LoraRules; the first whose pattern fully matches a leaf's path wins.
         key: PRNG key; each leaf folds in a hash of its path.
         apply_fn, args, kwargs, argnum: optional function ``apply_fn(*args[:argnum], params,
-            *args[argnum:], **kwargs)`` traced abstractly (no FLOPs) to infer the input
-            and stack axes of weights with 3 or more dims whose rule leaves them open.
+            *args[argnum:], **kwargs)`` traced abstractly (no FLOPs) to read the input and
+            stack axes of every adapted weight whose rule leaves them open from its first
+            contraction: a Flax kernel ``(in, out)`` gets ``in_axes=(0,)``, an Equinox or
+            torch-layout weight ``(out, in)`` ``in_axes=(1,)``. Without it a 2-D weight is
+            assumed ``(in, out)`` (with a :class:`LoraLayoutWarning`) and weights of 3 or
+            more dims need their rule's ``in_axes``/``stack_axes``.
 
     Returns:
         ``(frozen, trainable)``, both with the structure of ``params``: ``frozen`` has
@@ -177,15 +238,9 @@ def split(
         True
     """
     items = leaves_with_paths(params)
-    if all(w is None for _, w in items):
-        raise ValueError("params is an empty tree; nothing to adapt.")
+    if not any(is_weight(w) for _, w in items):
+        raise ValueError("params is an empty tree (no arrays); nothing to adapt.")
     _check_key(key)
-    for path, w in items:
-        if w is not None and not (hasattr(w, "shape") and hasattr(w, "dtype")):
-            raise TypeError(
-                f"'{path}' is a {type(w).__name__}, not an array; convert the parameters "
-                f"with jax.tree.map(jnp.asarray, params)."
-            )
     sharded = [w.sharding for _, w in items if _is_sharded(w)]
     if sharded:  # factors are born with shardings derived from their base: no gather
         return split_sharded(
@@ -198,9 +253,17 @@ def split(
             kwargs=kwargs,
             argnum=argnum,
         )
-    paths = [p for p, _ in items]
-    chosen = match_rules(paths, rules)
+    # None holes are never matched; static leaves are, so that targeting one is an error.
+    targets = [(p, w) for p, w in items if w is not None]
+    picked = dict(zip([p for p, _ in targets], match_rules([p for p, _ in targets], rules)))
+    chosen = [picked.get(p) for p, _ in items]
     for (path, w), rule in zip(items, chosen):
+        if rule is not None and not is_weight(w):
+            raise TypeError(
+                f"'{path}' is a {type(w).__name__}, not an array, but rule {rule.pattern!r} "
+                f"targets it; narrow the pattern, or convert the parameters with "
+                f"jax.tree.map(jnp.asarray, params)."
+            )
         if rule is not None and not jnp.issubdtype(w.dtype, jnp.floating):
             raise TypeError(
                 f"'{path}' has dtype {w.dtype} but rule {rule.pattern!r} targets it; only "
@@ -208,17 +271,7 @@ def split(
             )
         if rule is not None and rule.full and isinstance(w, QuantizedArray):
             raise TypeError(f"'{path}' is quantised and cannot be trained fully.")
-    inferred: dict[str, Axes] = {}
-    if apply_fn is not None:
-        from lora_jax._src.engine.infer import infer_axes  # the engine sits above this module
-
-        wanted = [
-            p
-            for (p, w), r in zip(items, chosen)
-            if r is not None and not r.full and len(w.shape) > 2 and r.in_axes is None
-        ]
-        if wanted:
-            inferred = infer_axes(apply_fn, params, wanted, args, kwargs or {}, argnum)
+    inferred = _infer(items, chosen, apply_fn, params, args, kwargs or {}, argnum)
 
     by_path = {path: (w, rule) for (path, w), rule in zip(items, chosen)}
     leaf_at = lambda p: by_path.get(p, (None, None))  # noqa: E731
@@ -236,7 +289,7 @@ def split(
     }
     frozen_leaves, trainable_leaves = [], []
     for (path, w), rule in zip(items, chosen):
-        if rule is None:
+        if rule is None:  # frozen as it is (holes and static leaves too)
             frozen_leaves.append(w)
             trainable_leaves.append(None)
         elif rule.full:
@@ -249,7 +302,7 @@ def split(
             factors, base = make_factors(w, rule, axes, k, path, ctx)
             frozen_leaves.append(base)
             trainable_leaves.append(factors)
-    treedef = jax.tree.structure(params, is_leaf=lambda x: isinstance(x, QuantizedArray))
+    treedef = jax.tree.structure(params, is_leaf=is_node)
     return jax.tree.unflatten(treedef, frozen_leaves), jax.tree.unflatten(treedef, trainable_leaves)
 
 

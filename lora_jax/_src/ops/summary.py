@@ -23,6 +23,8 @@ class SummaryRow:
     scale: float | None
     trainable: int  # r * (d + k) per adapted matrix (times stacked layers); size for full leaves
     base: int  # size of the weight this row replaces in full fine-tuning
+    # Axis that looks like several projections fused in one kernel (see fused_axis), or None.
+    fused_axis: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +62,15 @@ class LoraSummary:
                     f"{r.base / max(r.trainable, 1):.1f}x",
                 )
             )
+            if r.fused_axis is not None:
+                lines[-1] = (lines[-1][0], lines[-1][1], r.kind + "*", *lines[-1][3:])
         widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
         fmt = lambda line: "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
         out = [fmt(lines[0]), "  ".join("-" * w for w in widths)]
         out += [fmt(line) for line in lines[1:]]
+        for r in self.rows:
+            if r.fused_axis is not None:
+                out.append(_fused_note(r))
         out.append(
             f"trainable {self.trainable_params:,} of {self.total_params:,} params "
             f"({100 * self.trainable_params / max(self.total_params, 1):.3f}%, "
@@ -72,6 +79,33 @@ class LoraSummary:
             f"frozen {self.frozen_bytes / 2**20:.2f} MiB"
         )
         return "\n".join(out)
+
+
+def fused_axis(t: LoraFactors) -> int | None:
+    """The output axis that looks like several projections fused in one kernel, or None.
+
+    A hint, read from the shape alone: the outermost output axis has size 2 or 3 and more
+    output axes follow it, as in Gemma's ``kv_einsum`` ``(2, heads, embed, head_dim)`` (k and
+    v) or a fused ``qkv`` kernel ``(embed, 3, heads, head_dim)``. One adapter then serves
+    every projection; ``stack_axes`` on that axis gives each its own.
+    """
+    if len(t.out_axes) < 2:
+        return None
+    first = t.out_axes[0]
+    return first if t.shape[first] in (2, 3) else None
+
+
+def _fused_note(r: SummaryRow) -> str:
+    n, ax = r.shape[r.fused_axis], r.fused_axis
+    fix = (
+        f"split with LoraRule(..., stack_axes=({ax},)) for one adapter each"
+        if ax == 0
+        else f"stack_axes must lead, so store that axis first (axis {ax} now) for one adapter each"
+    )
+    return (
+        f"* '{r.path}' looks fused: axis {ax} (size {n}) seems to index {n} projections in one "
+        f"kernel (e.g. Gemma's kv_einsum), which share one adapter here; {fix}."
+    )
 
 
 def _kind(t: LoraFactors) -> str:
@@ -95,7 +129,16 @@ def summary(frozen: Any, trainable: Any) -> LoraSummary:
         if isinstance(t, LoraFactors):
             n = factor_params(t)
             rows.append(
-                SummaryRow(path, _kind(t), t.shape, t.rank, t.scale, n, int(np.prod(t.shape)))
+                SummaryRow(
+                    path,
+                    _kind(t),
+                    t.shape,
+                    t.rank,
+                    t.scale,
+                    n,
+                    int(np.prod(t.shape)),
+                    fused_axis(t),
+                )
             )
         elif t is not None:
             n = int(np.prod(t.shape))
