@@ -1,19 +1,129 @@
-"""Timing shared by the experiments: the median wall time of a warm jitted call."""
+"""Timing shared by the experiments: one core, interleaved repeats, wall and process CPU time.
+
+Every comparison runs all its configurations in one process, pinned to one core, stepping
+them in turn, and reports per configuration the median wall seconds, the median process
+CPU seconds (all threads: XLA:CPU runs independent operations concurrently even with one
+intra-op thread) and the cores actually used (CPU / wall). Pin before importing jax or
+torch: ``os.sched_setaffinity`` applies to the calling thread and the threads it starts
+later, so thread pools made at import time must come after it.
+
+    import _timing
+    _timing.pin_one_core()          # first thing in the script
+    ...
+    stats = _timing.interleaved({"a": step_a, "b": step_b}, repeats=7, steps=3)
+    print(_timing.table(stats), _timing.contention())
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import statistics
 import time
+from collections.abc import Callable
 
-import jax
-import numpy as np
+PINNED_CORE = 1  # core 0 takes most interrupts and the other processes' default placement
+
+
+def pin_one_core(core: int = PINNED_CORE) -> int | None:
+    """Confine this process (its later threads too) to one core; returns it (None: no pinning).
+
+    Falls back to the lowest allowed core when ``core`` is not allowed, and does nothing
+    where ``os.sched_setaffinity`` does not exist (macOS).
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = os.sched_getaffinity(0)
+    core = core if core in allowed else min(allowed)
+    os.sched_setaffinity(0, {core})
+    return core
+
+
+def cores_allowed() -> int:
+    """How many cores this process may run on (1 after :func:`pin_one_core`)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+@dataclasses.dataclass
+class Timing:
+    """Per-repeat seconds per step of one configuration: wall clock and process CPU time."""
+
+    wall: list[float] = dataclasses.field(default_factory=list)
+    cpu: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def median_wall(self) -> float:
+        return statistics.median(self.wall)
+
+    @property
+    def median_cpu(self) -> float:
+        return statistics.median(self.cpu)
+
+    @property
+    def cores(self) -> float:
+        """Cores actually used: process CPU time over wall time (<= 1 when pinned)."""
+        return self.median_cpu / self.median_wall
+
+
+def _block(out):
+    import jax
+
+    return jax.block_until_ready(out)
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, steps: int = 1, warmup: int = 1
+) -> dict[str, Timing]:
+    """Time each zero-argument ``fn`` in turn: ``repeats`` rounds, ``steps`` calls a round.
+
+    The first ``warmup`` rounds (compilation, caches) are not recorded. Results are
+    blocked on with ``jax.block_until_ready`` (a no-op for Python floats and torch values
+    already on the host).
+    """
+    stats = {k: Timing() for k in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                _block(fn())
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            if i >= warmup:
+                stats[name].wall.append(wall / steps)
+                stats[name].cpu.append(cpu / steps)
+    return stats
 
 
 def median_seconds(fn, *args, repeats: int = 5) -> float:
-    """Median seconds of ``fn(*args)`` over ``repeats`` calls, after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    """Median wall seconds of ``fn(*args)`` over ``repeats`` calls, after one warm-up call."""
+    return interleaved({"fn": lambda: fn(*args)}, repeats).get("fn").median_wall
+
+
+def contention() -> str:
+    """One line on how busy the machine was: load average against the cores it has."""
+    one, five, _ = os.getloadavg()
+    return (
+        f"machine load average {one:.1f} (1 min) / {five:.1f} (5 min) on {os.cpu_count()} "
+        f"cores, this process pinned to {cores_allowed()} core(s)"
+        + (
+            "; the machine was shared, so absolute times are noisy, ratios less so"
+            if one > 1.5
+            else ""
+        )
+    )
+
+
+def table(stats: dict[str, Timing], unit: float = 1.0, label: str = "s/step") -> list[str]:
+    """Markdown rows: median wall, median CPU, cores used and the wall range, per configuration.
+
+    ``unit`` scales the seconds (e.g. ``1e3`` with ``label="ms"``).
+    """
+    rows = [
+        f"| | wall {label} (median) | process CPU {label} (median) | cores used | wall min..max |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for k, t in stats.items():
+        rows.append(
+            f"| {k} | {unit * t.median_wall:.3f} | {unit * t.median_cpu:.3f} | {t.cores:.2f} "
+            f"| {unit * min(t.wall):.3f}..{unit * max(t.wall):.3f} |"
+        )
+    return rows

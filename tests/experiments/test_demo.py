@@ -146,3 +146,12 @@ def test_peft_speed_smoke():
     assert set(rows) == {"lora_jax", "PyTorch + PEFT"}, out
     assert all(float(v) > 0 for v in rows.values())
     assert re.search(r"steps/s over PyTorch \+ PEFT steps/s: \*\*\d+\.\d+x\*\*", out), out
+    smol = re.findall(
+        r"^\| SmolLM2 (lora_jax|PyTorch \+ PEFT) (LoRA|QLoRA)[^|]* \| (\d+\.\d+) \|", out, re.M
+    )
+    assert {(who, kind) for who, kind, _ in smol} >= {
+        ("lora_jax", "LoRA"),
+        ("lora_jax", "QLoRA"),
+        ("PyTorch + PEFT", "LoRA"),
+    }, out
+    assert re.search(r"cores used", out) and "pinned to 1 core(s)" in out, out
