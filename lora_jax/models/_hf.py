@@ -41,6 +41,7 @@ import jax
 import numpy as np
 from safetensors import safe_open
 
+from lora_jax._src.core.qarray import QuantizedArray
 from lora_jax._src.io.safe_io import check_float_tensor, read_json, safetensors_header
 
 LAYOUTS = ("linear", "linear_out_in", "embedding", "vector")
@@ -242,53 +243,70 @@ def _reader(file: str, key: str) -> Callable[[], np.ndarray]:
     return read
 
 
+def stack_numpy(path: str, layers: list[Callable[[], np.ndarray]], stacked: bool) -> np.ndarray:
+    """The default leaf of :func:`build_tree`: the tensor, or its layers stacked on axis 0."""
+    return np.stack([read() for read in layers]) if stacked else layers[0]()
+
+
 def build_tree(
     entries: Iterable[KeyEntry],
     tensors: dict[str, Callable[[], np.ndarray]],
     num_layers: int,
     prefix: str = "",
     where: str = "checkpoint",
+    convert: Callable[[str, list, bool], Any] = stack_numpy,
 ) -> dict[str, Any]:
-    """Our nested-dict tree (numpy leaves) from torch tensors named by ``entries``."""
+    """Our nested-dict tree from torch tensors named by ``entries``.
 
-    def get(key: str, layout: str) -> np.ndarray:
+    Each of our leaves is made by ``convert(path, layers, stacked)``: ``layers`` are
+    zero-argument readers of its tensors in our layout (one per layer for a stacked
+    leaf, else one), read only when called, so ``convert`` can process one tensor at a
+    time (quantise while loading). The default stacks them into numpy arrays.
+    """
+
+    def reader(key: str, layout: str) -> Callable[[], np.ndarray]:
         if prefix + key not in tensors:
             sample = sorted(tensors)[:5]
             raise KeyError(
                 f"{where} has no tensor '{prefix + key}'; it has {len(tensors)} tensors such "
                 f"as {sample}. Is it the right model class (see PEFT_KEY_MAP)?"
             )
-        w = tensors[prefix + key]()
-        check_float_tensor(w, f"{where}: tensor '{prefix + key}'")
-        return w.T if layout == "linear" else w
+
+        def read() -> np.ndarray:
+            w = tensors[prefix + key]()
+            check_float_tensor(w, f"{where}: tensor '{prefix + key}'")
+            return w.T if layout == "linear" else w
+
+        return read
 
     tree: dict[str, Any] = {}
+    plan = []  # every reader first, so a missing tensor fails before anything is read
     for e in entries:
         if e.stacked:
-            leaves = {
-                e.path: np.stack([get(e.key.format(layer=i), e.layout) for i in range(num_layers)])
-            }
+            layers = [reader(e.key.format(layer=i), e.layout) for i in range(num_layers)]
+            plan.append((e.path, layers, True))
         elif "{layer}" in e.path:
-            leaves = {
-                e.path.format(layer=i): get(e.key.format(layer=i), e.layout)
-                for i in range(num_layers)
-            }
+            for i in range(num_layers):
+                plan.append(
+                    (e.path.format(layer=i), [reader(e.key.format(layer=i), e.layout)], False)
+                )
         else:
-            leaves = {e.path: get(e.key, e.layout)}
-        for path, leaf in leaves.items():
-            *parents, name = path.split("/")
-            node = tree
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[name] = leaf
+            plan.append((e.path, [reader(e.key, e.layout)], False))
+    for path, layers, stacked in plan:
+        *parents, name = path.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[name] = convert(path, layers, stacked)
     return tree
 
 
 def check_shapes(tree: Any, expected: Any, where: str) -> None:
     """Raise if a loaded tree's leaf shapes differ from the config's (abstract init)."""
+    quantized = lambda x: isinstance(x, QuantizedArray)  # noqa: E731
     got = {
         jax.tree_util.keystr(p, simple=True, separator="/"): x.shape
-        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=quantized)[0]
     }
     for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]:
         path = jax.tree_util.keystr(p, simple=True, separator="/")

@@ -18,10 +18,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lora_jax._src.io.safe_io import check_float_tensor, open_gguf
-
+from ._gguf import gguf_llama
 from ._hf import (
     KeyEntry,
     KeyMap,
@@ -32,6 +30,8 @@ from ._hf import (
     require_ints,
     safetensors_reader,
 )
+from ._llama_blocks import attend, attention_qkv, layer_output, logits_of, rope_tables
+from ._quant_load import quantizing_converter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,24 +116,6 @@ PEFT_KEY_MAP = KeyMap(
     )
 )
 
-# GGUF (llama.cpp) tensor names -> the torch keys above.
-_GGUF_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_GGUF_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-
 
 def init(key: jax.Array, config: LlamaConfig, dtype: Any = jnp.float32) -> dict:
     """Random parameters (N(0, 0.02) weights, unit norms), layers stacked on axis 0.
@@ -181,25 +163,45 @@ def init(key: jax.Array, config: LlamaConfig, dtype: Any = jnp.float32) -> dict:
     return params
 
 
-def _finish(tensors: dict, config: LlamaConfig, dtype: Any, where: str) -> dict:
+def _finish(
+    tensors: dict, config: LlamaConfig, dtype: Any, where: str, quantize: Any, quant_kw: dict
+) -> dict:
     entries = [
         e
         for e in PEFT_KEY_MAP.entries
         if not (config.tie_word_embeddings and e.path == "lm_head/kernel")
     ]
-    tree = build_tree(entries, tensors, config.num_hidden_layers, where=where)
-    check_shapes(
-        tree, jax.eval_shape(functools.partial(init, config=config), jax.random.key(0)), where
+    abstract = jax.eval_shape(
+        functools.partial(init, config=config, dtype=dtype or jnp.float32), jax.random.key(0)
     )
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
+    convert = quantizing_converter(quantize, abstract, dtype, **quant_kw)
+    tree = build_tree(entries, tensors, config.num_hidden_layers, where=where, convert=convert)
+    check_shapes(tree, abstract, where)
+    return tree
 
 
-def load(hf_dir: str | os.PathLike, dtype: Any = None) -> tuple[dict, LlamaConfig]:
-    """Parameters and config of a saved ``LlamaForCausalLM``.
+def load(
+    hf_dir: str | os.PathLike,
+    dtype: Any = None,
+    *,
+    quantize: Any = None,
+    block_size: int = 64,
+    double_quant: bool = True,
+) -> tuple[dict, LlamaConfig]:
+    """Parameters and config of a saved ``LlamaForCausalLM``, optionally NF4 as they load.
 
     Args:
-        hf_dir: folder with ``config.json`` and ``model.safetensors`` (or a sharded index).
+        hf_dir: folder with ``config.json`` and ``model.safetensors`` (or a sharded
+            ``model.safetensors.index.json`` set).
         dtype: cast every leaf to this dtype; None keeps the stored dtype.
+        quantize: weights to store as NF4 while loading, as :func:`lora_jax.quantize`'s
+            ``select`` (regexes on paths such as ``layers/mlp/up_proj/kernel``, LoraRules,
+            or a ``predicate(path, jax.ShapeDtypeStruct)``). Each tensor is quantised as it
+            is read, one layer at a time, so peak memory is the NF4 model plus about one
+            full-precision tensor; stacked leaves come out bit-identical to
+            ``lj.quantize(params, quantize, stack_axes=1)``. None loads every weight dense.
+        block_size: NF4 elements per scale block (QLoRA: 64).
+        double_quant: quantise the block scales too (4.127 bits per weight).
 
     Example:
         >>> import tempfile, transformers
@@ -212,74 +214,43 @@ def load(hf_dir: str | os.PathLike, dtype: Any = None) -> tuple[dict, LlamaConfi
         >>> params, config = llama.load(folder)
         >>> params["layers"]["attention"]["q_proj"]["kernel"].shape, config.head_dim
         ((2, 32, 32), 8)
+        >>> qparams, _ = llama.load(folder, quantize=r"layers/.*/kernel")
+        >>> type(qparams["layers"]["mlp"]["up_proj"]["kernel"]).__name__
+        'NF4Array'
     """
     check_dtype(dtype, "llama.load")
     config = LlamaConfig.from_hf(read_config(hf_dir))
-    return _finish(safetensors_reader(hf_dir), config, dtype, str(hf_dir)), config
+    quant_kw = dict(block_size=block_size, double_quant=double_quant)
+    tree = _finish(safetensors_reader(hf_dir), config, dtype, str(hf_dir), quantize, quant_kw)
+    return tree, config
 
 
-def _gguf_field(reader: Any, name: str, default: Any = None) -> Any:
-    field = reader.fields.get(name)
-    if field is None:
-        if default is None:
-            raise KeyError(f"GGUF metadata has no '{name}'; is this a llama.cpp Llama file?")
-        return default
-    return field.contents()
-
-
-def _gguf_number(reader: Any, path: Any, name: str, default: Any, kind: type) -> Any:
-    """A positive int (or finite float) metadata field; anything else is a ValueError."""
-    value = _gguf_field(reader, name, default)
-    try:
-        number = kind(value.item() if hasattr(value, "item") else value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or not np.isfinite(number) or number <= 0 or isinstance(value, bool):
-        raise ValueError(
-            f"{path}: GGUF field '{name}' is {value!r}; expected a positive {kind.__name__}."
-        )
-    return number
-
-
-def _gguf_tensors(reader: Any, path: Any, gguf: Any) -> dict[str, np.ndarray]:
-    """Every tensor dequantised to float32 in torch layout; a bad tensor is a ValueError."""
-    raw = {}
-    for t in reader.tensors:
-        try:
-            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-            w = w.reshape(tuple(int(n) for n in reversed(t.shape)))
-        except Exception as e:  # unknown quant type, data shorter than the shape...
-            raise ValueError(
-                f"{path}: tensor '{t.name}' ({t.tensor_type!r}, shape {tuple(t.shape)}) cannot be "
-                f"dequantised ({e}); the file is corrupted."
-            ) from e
-        check_float_tensor(w, f"{path}: tensor '{t.name}'")
-        name = str(t.name)
-        parts = name.split(".")
-        if name not in _GGUF_NAMES and not (
-            len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_BLOCK
-        ):
-            raise ValueError(
-                f"{path}: tensor '{name}' is not a llama.cpp Llama tensor (expected "
-                f"{sorted(_GGUF_NAMES)} or blk.N.{{{','.join(_GGUF_BLOCK)}}}.weight)."
-            )
-        raw[name] = w
-    if "token_embd.weight" not in raw:
-        raise ValueError(f"{path} has no 'token_embd.weight'; it is not a complete Llama GGUF.")
-    return raw
-
-
-def load_gguf(path: str | os.PathLike, dtype: Any = None) -> tuple[dict, LlamaConfig]:
+def load_gguf(
+    path: str | os.PathLike,
+    dtype: Any = None,
+    *,
+    quantize: Any = None,
+    block_size: int = 64,
+    double_quant: bool = True,
+) -> tuple[dict, LlamaConfig]:
     """Parameters and config of a llama.cpp GGUF Llama file, dequantised to float32.
 
     Quantised tensors (Q4_1, Q8_0, ...) are dequantised with ``gguf.quants.dequantize``,
-    the same routine transformers uses, and the row permutation llama.cpp's converter
-    applies to ``attn_q`` / ``attn_k`` is undone. Tied embeddings when there is no
-    ``output.weight``.
+    the same routine transformers uses, one tensor at a time as it is needed, and the
+    row permutation llama.cpp's converter applies to ``attn_q`` / ``attn_k`` is undone.
+    Tied embeddings when there is no ``output.weight``.
 
     Args:
         path: the ``.gguf`` file.
         dtype: cast every leaf to this dtype; None keeps float32.
+        quantize: weights to store as NF4 while loading, as :func:`lora_jax.quantize`'s
+            ``select`` (regexes on paths such as ``layers/mlp/up_proj/kernel``, LoraRules,
+            or a ``predicate(path, jax.ShapeDtypeStruct)``). Each tensor is quantised as it
+            is read, one layer at a time, so peak memory is the NF4 model plus about one
+            full-precision tensor; stacked leaves come out bit-identical to
+            ``lj.quantize(params, quantize, stack_axes=1)``. None loads every weight dense.
+        block_size: NF4 elements per scale block (QLoRA: 64).
+        double_quant: quantise the block scales too (4.127 bits per weight).
 
     Example:
         >>> import importlib.util, os
@@ -289,82 +260,12 @@ def load_gguf(path: str | os.PathLike, dtype: Any = None) -> tuple[dict, LlamaCo
         >>> config.num_hidden_layers, config.num_key_value_heads, config.tie_word_embeddings
         (30, 3, True)
     """
-    import gguf
-
     check_dtype(dtype, "llama.load_gguf")
-    reader = open_gguf(path)
-    arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: general.architecture is {arch!r}; load_gguf reads 'llama' only.")
-    raw = _gguf_tensors(reader, path, gguf)
-    num = lambda name, default=None, kind=int: _gguf_number(reader, path, name, default, kind)  # noqa: E731
-    heads = num("llama.attention.head_count")
-    kv_heads = num("llama.attention.head_count_kv", heads)
-    hidden = num("llama.embedding_length")
-    config = LlamaConfig(
-        vocab_size=int(raw["token_embd.weight"].shape[0]),
-        hidden_size=hidden,
-        intermediate_size=num("llama.feed_forward_length"),
-        num_hidden_layers=num("llama.block_count"),
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=num("llama.rope.dimension_count", hidden // heads),
-        rms_norm_eps=num("llama.attention.layer_norm_rms_epsilon", kind=float),
-        rope_theta=num("llama.rope.freq_base", 10000.0, float),
-        tie_word_embeddings="output.weight" not in raw,
-    )
-    tensors = {}
-    for name, w in raw.items():
-        if name in _GGUF_NAMES:
-            tensors[_GGUF_NAMES[name]] = w
-            continue
-        _, layer, kind, _ = name.split(".")
-        if kind in ("attn_q", "attn_k"):
-            n = heads if kind == "attn_q" else kv_heads
-            rows, cols = w.shape
-            if rows % (2 * n):
-                raise ValueError(
-                    f"{path}: '{name}' has {rows} rows, not a multiple of 2 * {n} heads; the "
-                    f"file's head counts and tensors disagree."
-                )
-            w = w.reshape(n, rows // n // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
-        tensors[f"model.layers.{layer}.{_GGUF_BLOCK[kind]}.weight"] = w
-    readers = {k: (lambda w=w: w) for k, w in tensors.items()}
-    return _finish(readers, config, jnp.float32 if dtype is None else dtype, str(path)), config
-
-
-def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + eps)
-    return scale * y.astype(x.dtype)
-
-
-def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on ``x (batch, seq, heads, head_dim)``; cos/sin ``(seq, head_dim)``."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, None].astype(x.dtype) + rotated * sin[:, None].astype(x.dtype)
-
-
-def _layer(h: jax.Array, p: dict, cos, sin, bias, config: LlamaConfig) -> jax.Array:
-    """One pre-norm decoder layer on flattened ``h (batch*seq, hidden)``."""
-    b, s = bias.shape[0], bias.shape[-1]
-    hd, nkv = config.head_dim, config.num_key_value_heads
-    group = config.num_attention_heads // nkv
-    a = p["attention"]
-    x = _rms_norm(h, p["input_layernorm"]["scale"], config.rms_norm_eps)
-    q = _rope((x @ a["q_proj"]["kernel"]).reshape(b, s, nkv * group, hd), cos, sin)
-    k = _rope((x @ a["k_proj"]["kernel"]).reshape(b, s, nkv, hd), cos, sin)
-    v = (x @ a["v_proj"]["kernel"]).reshape(b, s, nkv, hd)
-    q = q.reshape(b, s, nkv, group, hd)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) / jnp.asarray(hd**0.5, q.dtype)
-    probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(v.dtype)
-    ctx = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b * s, -1)
-    h = h + ctx @ a["o_proj"]["kernel"]
-    m = p["mlp"]
-    x = _rms_norm(h, p["post_attention_layernorm"]["scale"], config.rms_norm_eps)
-    gated = jax.nn.silu(x @ m["gate_proj"]["kernel"]) * (x @ m["up_proj"]["kernel"])
-    return h + gated @ m["down_proj"]["kernel"]
+    fields, readers = gguf_llama(path)
+    config = LlamaConfig(**fields)
+    quant_kw = dict(block_size=block_size, double_quant=double_quant)
+    dtype = jnp.float32 if dtype is None else dtype
+    return _finish(readers, config, dtype, str(path), quantize, quant_kw), config
 
 
 def forward(
@@ -374,7 +275,8 @@ def forward(
 
     Causal attention; ``attention_mask (batch, seq)`` (1 real, 0 padding) also hides
     padded keys. Positions are ``0..seq-1`` for every row (transformers' default), so
-    pad on the right. Computes in the embedding dtype; norms and softmax in float32.
+    pad on the right (:func:`lora_jax.models.generate.generate` takes left-padded
+    prompts). Computes in the embedding dtype; norms and softmax in float32.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -389,11 +291,7 @@ def forward(
     b, s = input_ids.shape
     emb = params["embed_tokens"]["embedding"]
     h = jnp.take(emb, input_ids, axis=0).reshape(b * s, -1)
-    hd = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
-    angles = np.arange(s, dtype=np.float32)[:, None] * inv_freq[None]
-    angles = np.concatenate([angles, angles], axis=-1)
-    cos, sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+    cos, sin = rope_tables(config, jnp.arange(s))
     visible = jnp.tril(jnp.ones((s, s), bool))[None]
     if attention_mask is not None:
         visible = visible & attention_mask.astype(bool)[:, None, :]
@@ -402,9 +300,12 @@ def forward(
     bias = jnp.broadcast_to(bias, (b, 1, 1, s, s))
 
     def step(h, p):
-        return _layer(h, p, cos, sin, bias, config), None
+        q, k, v = attention_qkv(h, p, cos, sin, config, b)
+        return layer_output(h, attend(q, k, v, bias), p, config), None
 
     h, _ = jax.lax.scan(step, h, params["layers"])
-    h = _rms_norm(h, params["norm"]["scale"], config.rms_norm_eps)
-    head = emb.T if config.tie_word_embeddings else params["lm_head"]["kernel"]
-    return (h @ head).reshape(b, s, -1)
+    return logits_of(params, config, h).reshape(b, s, -1)
+
+
+# Re-exported here: llama.generate is the model's sampling entry point.
+from .generate import generate as generate  # noqa: E402

@@ -23,7 +23,9 @@ FORMATS = ("nf4", "int4")
 Selector = str | LoraRule | Sequence[str | LoraRule] | Callable[[str, Any], bool]
 
 
-def _selector(select: Selector, paths: list[str], leaves: list[Any]) -> list[LoraRule | str | None]:
+def select_leaves(
+    select: Selector, paths: list[str], leaves: list[Any]
+) -> list[LoraRule | str | None]:
     """The rule (or True marker) selecting each leaf, None where none does."""
     if callable(select) and not isinstance(select, LoraRule):
         return ["" if select(p, w) else None for p, w in zip(paths, leaves)]
@@ -76,6 +78,34 @@ def _stack_count(stack_axes: Any, chosen: Any, path: str, w: Any) -> int:
     return k
 
 
+def quantize_leaf(
+    path: str, w: Any, stack_count: int, format: str, block_size: int, double_quant: bool
+) -> QuantizedArray:
+    """One selected leaf of :func:`quantize` (its checks and errors named by ``path``)."""
+    if isinstance(w, QuantizedArray | LoraFactors):
+        raise TypeError(
+            f"quantize: '{path}' is already a {type(w).__name__}; narrow the selection "
+            f"to dense weights."
+        )
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(
+            f"quantize: '{path}' has dtype {w.dtype}; only float weights can be quantised. "
+            f"Narrow the selection."
+        )
+    k = stack_count
+    if len(w.shape) - k < 2:
+        raise ValueError(
+            f"quantize: '{path}' has shape {tuple(w.shape)} with stack_axes={k}: only "
+            f"matrices (2 or more dims per layer) are quantised; exclude biases and norms."
+        )
+    try:
+        if format == "nf4":
+            return quantize_nf4(w, block_size=block_size, double_quant=double_quant, stack_axes=k)
+        return quantize_int4(w, block_size=block_size, stack_axes=k)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"'{path}': {e}") from e
+
+
 def quantize(
     frozen: Any,
     select: Selector,
@@ -115,36 +145,14 @@ def quantize(
     items = leaves_with_paths(frozen)
     paths = [p for p, _ in items]
     leaves = [w for _, w in items]
-    chosen = _selector(select, paths, leaves)
+    chosen = select_leaves(select, paths, leaves)
     out, count = [], 0
     for path, w, rule in zip(paths, leaves, chosen):
         if rule is None or w is None:
             out.append(w)
             continue
-        if isinstance(w, QuantizedArray | LoraFactors):
-            raise TypeError(
-                f"quantize: '{path}' is already a {type(w).__name__}; narrow the selection "
-                f"to dense weights."
-            )
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-            raise TypeError(
-                f"quantize: '{path}' has dtype {w.dtype}; only float weights can be quantised. "
-                f"Narrow the selection."
-            )
         k = _stack_count(stack_axes, rule, path, w)
-        if len(w.shape) - k < 2:
-            raise ValueError(
-                f"quantize: '{path}' has shape {tuple(w.shape)} with stack_axes={k}: only "
-                f"matrices (2 or more dims per layer) are quantised; exclude biases and norms."
-            )
-        try:
-            if format == "nf4":
-                q = quantize_nf4(w, block_size=block_size, double_quant=double_quant, stack_axes=k)
-            else:
-                q = quantize_int4(w, block_size=block_size, stack_axes=k)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"'{path}': {e}") from e
-        out.append(q)
+        out.append(quantize_leaf(path, w, k, format, block_size, double_quant))
         count += 1
     if count == 0:
         raise ValueError("quantize: the selection picked no weight (only None leaves or none).")
