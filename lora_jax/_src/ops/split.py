@@ -118,7 +118,7 @@ def make_factors(
         b = 0.02 * jax.random.normal(kb, b_shape, dtype)
         singular = jnp.zeros(s_shape + (r,), dtype)
     elif is_principal_init(rule.init):
-        a, b = principal_factors(w, rule.init, r, rule.scale, axes, key)
+        a, b = principal_factors(w, rule.init, r, rule.scale, axes, key, path=path)
         a, b = a.astype(dtype), b.astype(dtype)
     elif rule.init == "gaussian":
         a = jax.random.normal(key, a_shape, dtype) / r
