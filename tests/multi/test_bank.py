@@ -434,3 +434,21 @@ def test_adalora_singular_values_survive_banks_and_combinations():
     np.testing.assert_allclose(
         f(lj.merge(frozen, comb), x), want[0] + want[1] - f(params, x), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("bad", [6, 9, -1], ids=["one-past", "far", "negative"])
+def test_out_of_range_ids_raise_eagerly_and_give_nan_under_jit(mlp_bank, bad):
+    params, frozen, adapters, bank = mlp_bank  # slots 0..5
+    x = jax.random.normal(jax.random.key(8), (3, 12))
+    run = lambda bank, ids, x: lj.lora_apply(mlp)(frozen, bank, x, adapter_ids=ids)
+    ids = jnp.array([0, bad, 1], jnp.int32)
+    with pytest.raises(ValueError, match=rf"adapter_ids has slot {bad} but the bank has slots 0"):
+        run(bank, ids, x)
+    out = np.asarray(jax.jit(run)(bank, ids, x))
+    assert np.isnan(out[1]).all()  # never the last slot's (or slot -1's) adapter
+    for k, t in ((0, None), (2, adapters[0])):  # the valid examples are unaffected
+        np.testing.assert_allclose(
+            out[k], numpy_mlp(params, t, x[k : k + 1])[0], rtol=1e-5, atol=1e-5
+        )
+    scalar = jax.jit(lambda b, x, i: lj.lora_apply(mlp)(frozen, b, x, adapter_ids=i))
+    assert np.isnan(np.asarray(scalar(bank, x, jnp.int32(bad)))).all()

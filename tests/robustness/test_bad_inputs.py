@@ -206,6 +206,13 @@ CASES = [
     Case("split", "quantised-pissa", lambda d: lj.split({"w": lj.quantize_nf4(jnp.ones((64, 64)))},
          [lj.LoraRule("w", rank=2, init="pissa")], key=KEY), TypeError,
          r"'w' is quantised but init='pissa' replaces the base .* then lj.quantize"),
+    Case("split", "pissa-nan-weight", lambda d: lj.split({"w": jnp.ones((8, 8)).at[2, 3].set(
+         jnp.nan)}, [lj.LoraRule("w", rank=2, init="pissa")], key=KEY), ValueError,
+         r"'w': init='pissa' factors the base weight \(shape \(8, 8\), float32\), but it holds "
+         r"1 NaN/Inf .* use init='gaussian'"),
+    Case("split", "olora-inf-weight", lambda d: lj.split({"w": jnp.full((8, 8), jnp.inf)},
+         [lj.LoraRule("w", rank=2, init="olora")], key=KEY), ValueError,
+         r"'w': init='olora' factors the base weight .* holds 64 NaN/Inf value"),
     # ---- lora_apply ---------------------------------------------------------------------
     Case("lora_apply", "swapped-trees", lambda d: APPLY(TRAINABLE, FROZEN, X), ValueError,
          r"'q/kernel': trainable holds a fully trained array but frozen also holds one"),
@@ -399,6 +406,9 @@ CASES = [
          r"'q/kernel': GLoRA factors have no PEFT format .* export lj.merge\(frozen, trainable\)"),
     Case("stack_adapters", "glora", lambda d: lj.stack_adapters([GLORA_TRAINABLE] * 2),
          ValueError, r"'q/kernel': stack_adapters works on low-rank updates .* GLoRA factors"),
+    Case("stack_adapters", "adapter-id-outside-bank", lambda d: APPLY(FROZEN, lj.stack_adapters(
+         [TRAINABLE]), jnp.ones((3, 16)), adapter_ids=jnp.array([0, 5, 1])), ValueError,
+         r"adapter_ids has slot 5 but the bank has slots 0...1; load the adapter with bank.set"),
     Case("combine_adapters", "dora", lambda d: lj.combine_adapters([DORA_TRAINABLE] * 2, [1, 1]),
          ValueError, r"'q/kernel': combine_adapters works on low-rank updates .* DoRA factors"),
     Case("peft.save_pretrained", "mixed-rslora", lambda d: lj.peft.save_pretrained(d, lj.split(

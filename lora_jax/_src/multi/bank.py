@@ -49,11 +49,28 @@ class BankFactors:
     out_axes: tuple[int, ...]
 
     def select(self, idx: Any) -> LoraFactors:
-        """Slot ``idx``'s factors with its scale folded into ``b`` (``alpha = R``: scale 1)."""
-        b = self.b[idx]
-        b = (b.astype(jnp.float32) * self.scale[idx].astype(jnp.float32)).astype(b.dtype)
+        """Slot ``idx``'s factors with its scale folded into ``b`` (``alpha = R``: scale 1).
+
+        A traced ``idx`` outside ``0..slots-1`` selects NaN factors (see :func:`take_slot`).
+        """
+        b = take_slot(self.b, idx)
+        b = (b.astype(jnp.float32) * take_slot(self.scale, idx).astype(jnp.float32)).astype(b.dtype)
         r = self.a.shape[-1]
-        return LoraFactors(self.a[idx], b, float(r), self.stack_axes, self.in_axes, self.out_axes)
+        a = take_slot(self.a, idx)
+        return LoraFactors(a, b, float(r), self.stack_axes, self.in_axes, self.out_axes)
+
+
+def take_slot(x: jax.Array, idx: Any) -> jax.Array:
+    """``x[idx]`` along the slot axis, where an id outside ``0..slots-1`` gives NaN.
+
+    Eagerly, :func:`apply_bank` refuses such ids; under ``jit`` they cannot be checked
+    without a host sync, so instead of clamping to the last slot (the wrong adapter,
+    silently) the example gets NaN factors and hence NaN outputs (integer leaves: the
+    dtype's fill value, as ``jnp.take(mode="fill")``). Negative ids do not wrap around.
+    """
+    idx = jnp.asarray(idx)
+    idx = jnp.where(idx < 0, x.shape[0], idx)
+    return jnp.take(x, idx, axis=0, mode="fill")
 
 
 def _is_leaf(x: Any) -> bool:
@@ -101,7 +118,7 @@ class AdapterBank:
         ``idx`` may be traced. Factors come back padded to rank R with the adapter's scale
         folded into ``b`` (``alpha = R``), which represents the same update.
         """
-        pick = lambda x: x.select(idx) if isinstance(x, BankFactors) else x[idx]
+        pick = lambda x: x.select(idx) if isinstance(x, BankFactors) else take_slot(x, idx)
         return jax.tree.map(lambda x: None if x is None else pick(x), self.tree, is_leaf=_is_leaf)
 
     def set(self, slot: int, trainable: Any) -> AdapterBank:
@@ -322,6 +339,10 @@ def apply_bank(
     is kept with size 1) and the slot's factors, gathered per example. The frozen base is
     not batched, so each base matmul runs once for the whole batch and only the low-rank
     terms are per example. Outputs drop the size-1 axis 0 added per example.
+
+    Ids outside ``0..slots-1`` raise when they are concrete; traced ids (under ``jit``)
+    that fall outside give that example NaN outputs (:func:`take_slot`), never another
+    slot's adapter.
     """
     if not isinstance(bank, AdapterBank):
         raise TypeError(

@@ -84,10 +84,37 @@ def olora_factors(mat: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     return jnp.swapaxes(r[..., :rank, :], -1, -2), jnp.swapaxes(q[..., :, :rank], -1, -2)
 
 
+def check_finite_weight(w: jax.Array, init: str, path: str) -> None:
+    """Refuse a concrete base weight holding NaN/Inf: its SVD/QR, hence the factors, are NaN.
+
+    Under ``jit``/``eval_shape`` the values are unknown and the check is skipped.
+    """
+    if isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array | np.ndarray):
+        return
+    bad = int(np.size(w) - np.count_nonzero(np.isfinite(np.asarray(w, np.float32))))
+    if bad:
+        raise ValueError(
+            f"'{path}': init={init!r} factors the base weight (shape {tuple(w.shape)}, "
+            f"{w.dtype}), but it holds {bad} NaN/Inf value(s), so the factors would be NaN. "
+            f"Fix the weight, or use init='gaussian' for it."
+        )
+
+
 def principal_factors(
-    w: jax.Array, init: str, rank: int, scale: float, axes: Axes, key: jax.Array
+    w: jax.Array,
+    init: str,
+    rank: int,
+    scale: float,
+    axes: Axes,
+    key: jax.Array,
+    path: str = "<weight>",
 ) -> tuple[jax.Array, jax.Array]:
-    """``a (*stack, *in, r)`` and ``b (*stack, r, *out)`` (float32 or wider) of ``w``."""
+    """``a (*stack, *in, r)`` and ``b (*stack, r, *out)`` (float32 or wider) of ``w``.
+
+    Raises:
+        ValueError: a concrete ``w`` holds NaN/Inf (the error names ``path``).
+    """
+    check_finite_weight(w, init, path)
     stack, ins, outs = axes
     shape = tuple(w.shape)
     mat = weight_matrix(w, axes)
@@ -121,7 +148,9 @@ class Principal(_variant.Variant):
                 f"frozen tree."
             )
         rule = ctx.rule
-        a, b = principal_factors(base, rule.init, rule.rank, rule.scale, ctx.axes, ctx.key)
+        a, b = principal_factors(
+            base, rule.init, rule.rank, rule.scale, ctx.axes, ctx.key, path=ctx.path
+        )
         factors = factors.with_factors(a.astype(rule.param_dtype), b.astype(rule.param_dtype))
         wide = wide_dtype(base.dtype, rule.param_dtype)  # W0 = residual + scale * a @ b
         return factors, (base.astype(wide) - lora_delta(factors, wide)).astype(base.dtype)
