@@ -1,4 +1,4 @@
-"""LoRA variants on the flagship task: LoRA, rsLoRA (r=64), DoRA, AdaLoRA, GLoRA and PiSSA.
+"""LoRA variants on the flagship task: LoRA, rsLoRA (r=64), DoRA, AdaLoRA, GLoRA, PiSSA, VeRA.
 
 all-MiniLM-L6-v2 + Rotten Tomatoes with the demo's recipe (query/value adapters plus a fully
 trained 2-way head on the mean-pooled output, batch 32, at most 64 tokens, AdamW with weight
@@ -8,7 +8,9 @@ AdaLoRA starts at rank 12 per matrix and prunes to an average of 8 (tinit 10%, t
 the steps, reallocation every 5 steps), with PEFT's orthogonality penalty (weight 0.5).
 GLoRA runs twice: lora_jax's fixed configuration (A a per-column vector, B rank 8, C none,
 D and E vectors on the query/value biases) and one with a low-rank A and a vector C, the
-form whose elementwise product with W0 the engine has to form densely.
+form whose elementwise product with W0 the engine has to form densely. VeRA (a plug-in
+variant, lj.Vera) uses r=256 shared frozen projections and trains only its scaling vectors
+(scale 1, no alpha), at the same learning rate as the others.
 
 XLA runs in one CPU thread (so the step times do not depend on what else the machine
 runs); after training, every variant's jitted step runs on the same 32 x 64 batch, round by
@@ -16,6 +18,7 @@ round (interleaved), and the median per variant is reported as a ratio to plain 
 
     python experiments/variants.py              # about 15 min on 2 CPU cores
     python experiments/variants.py --smoke      # tiny run for the tests
+    python experiments/variants.py --only VeRA  # one row (plus the LoRA baseline), not recorded
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ VARIANTS = (
         {"rank": 8, "alpha": 16.0, "init": "kaiming", "glora": lj.Glora(a="lowrank", c="vector")},
     ),
     Variant("PiSSA r=8", {"rank": 8, "alpha": 16.0, "init": "pissa"}),
+    Variant("VeRA r=256", {"rank": 256, "variant": lj.Vera()}),
 )
 
 
@@ -80,6 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny run for the tests")
+    p.add_argument(
+        "--only",
+        metavar="NAME",
+        help="run the variants whose name starts with NAME, with LoRA as the time baseline; "
+        "the table is printed, not recorded",
+    )
     args = p.parse_args(argv)
     args.batch_size, args.max_len, args.n_test = 32, 64, 1000
     if args.smoke:
@@ -183,7 +193,10 @@ def main(argv: list[str] | None = None) -> list[str]:
     import demo  # the flagship script's evaluation helpers
 
     results, trained = [], {}
-    for v in VARIANTS:
+    chosen = [v for v in VARIANTS if args.only is None or v.name.startswith(args.only)]
+    if not chosen:
+        raise SystemExit(f"--only {args.only!r} matches none of {[v.name for v in VARIANTS]}")
+    for v in [VARIANTS[0]] * (VARIANTS[0] not in chosen) + chosen:
         rules, frozen, trainable, opt_state, alloc_state, step, allocator = setup(
             v, params, cfg, args
         )
@@ -226,7 +239,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     lines = [header, *rows]
     total = time.perf_counter() - t_start
     print("\n".join(lines) + f"\ntotal wall time: {total:.0f} s")
-    if not args.smoke:
+    if not args.smoke and args.only is None:
         body = (
             "\n".join(lines)
             + f"\n\n{args.steps} steps of {args.batch_size} sentences (at most {args.max_len} "

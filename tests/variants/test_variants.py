@@ -948,6 +948,7 @@ def test_experiment_smoke():
         "GLoRA r=8",
         "GLoRA r=8, low-rank A",
         "PiSSA r=8",
+        "VeRA r=256",
     ]
     params = {r.split(" | ")[0][2:]: int(r.split(" | ")[2].replace(",", "")) for r in rows}
     qv = 6 * 2  # query and value in 6 layers, 384 x 384
@@ -957,4 +958,5 @@ def test_experiment_smoke():
     assert params["AdaLoRA r=12->8"] == qv * (12 * 768 + 12)
     assert params["GLoRA r=8"] == qv * (8 * 768 + 3 * 384)  # B; A, D, E vectors
     assert params["GLoRA r=8, low-rank A"] == qv * (2 * 8 * 768 + 3 * 384)  # B, A; C, D, E
+    assert params["VeRA r=256"] == qv * (256 + 384)  # lambda_d, lambda_b; projections frozen
     assert "1.00x" in rows[0]

@@ -89,15 +89,14 @@ def _leaf_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def make_factors(
-    w: Any, rule: LoraRule, axes: Axes, key: jax.Array, path: str, ctx: Any = None
-) -> tuple[LoraFactors, Any]:
+def make_factors(w: Any, rule: LoraRule, ctx: _variant.InitContext) -> tuple[LoraFactors, Any]:
     """Factors for one weight and its frozen base.
 
     ``a`` random by ``rule.init`` and ``b`` zero, with ``w`` itself as the base; then each
     variant the rule wants changes them (:meth:`Variant.init`, e.g. PiSSA/OLoRA's principal
-    factors and residual base). ``ctx`` is the :class:`InitContext` the variants get.
+    factors and residual base). ``ctx`` holds the leaf's path, axes and key.
     """
+    axes, key, path = ctx.axes, ctx.key, ctx.path
     stack, ins, outs = axes
     shape = tuple(w.shape)
     d_in = int(np.prod([shape[i] for i in ins]))
@@ -130,9 +129,6 @@ def make_factors(
         rslora=rule.rslora,
         dropout=float(rule.dropout),
     )
-    if ctx is None:
-        none = lambda _: (None, None)  # noqa: E731
-        ctx = _variant.InitContext(path, rule, axes, shape, key, lambda _: key, none)
     base = w
     for v in _variant.wanted_by(rule):
         factors, base = v.init(factors, base, ctx)
@@ -282,7 +278,11 @@ def split(
     }
     plans = {  # variants that share state across leaves (VeRA's projections) plan it here
         v.name: v.plan(
-            [(p, tuple(w.shape), r, axes_of[p]) for (p, w), r in zip(items, chosen) if p in axes_of]
+            [
+                (p, tuple(w.shape), r, axes_of[p])
+                for (p, w), r in zip(items, chosen)
+                if p in axes_of and v.wants(r)
+            ]
         )
         for v in _variant.variants()
         if any(v.wants(r) for r in chosen if r is not None and not r.full)
@@ -299,7 +299,7 @@ def split(
             axes, k = axes_of[path], _leaf_key(key, path)
             fold = lambda suffix, path=path: _leaf_key(key, path + suffix)  # noqa: E731
             ctx = _variant.InitContext(path, rule, axes, tuple(w.shape), k, fold, leaf_at, plans)
-            factors, base = make_factors(w, rule, axes, k, path, ctx)
+            factors, base = make_factors(w, rule, ctx)
             frozen_leaves.append(base)
             trainable_leaves.append(factors)
     treedef = jax.tree.structure(params, is_leaf=is_node)

@@ -85,6 +85,9 @@ class Projection:
     def astype(self, dtype: Any) -> jax.Array:
         return self.value(dtype)
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.broadcast_to(self.matrix, self.shape).astype(dtype or self.dtype)
+
     def tree_flatten(self):
         return (), self
 
@@ -169,11 +172,9 @@ class VeraVariant(_variant.Variant):
         """One pair of projections per (seed, rank) over all its weights, sized to the largest."""
         sizes: dict[tuple[int, int], list[int]] = {}
         for _, shape, rule, axes in leaves:
-            if self.wants(rule):
-                _, ins, outs = _sides(shape, axes)
-                key = (rule.variant.seed, rule.rank)
-                d = sizes.setdefault(key, [0, 0])
-                d[0], d[1] = max(d[0], math.prod(ins)), max(d[1], math.prod(outs))
+            _, ins, outs = _sides(shape, axes)
+            d = sizes.setdefault((rule.variant.seed, rule.rank), [0, 0])
+            d[0], d[1] = max(d[0], math.prod(ins)), max(d[1], math.prod(outs))
         return {key: projections(key[0], key[1], *d) for key, d in sizes.items()}
 
     def init(self, factors, base, ctx):
