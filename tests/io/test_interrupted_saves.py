@@ -34,7 +34,7 @@ WRITER = textwrap.dedent(
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, jax.numpy as jnp, numpy as np
     import lora_jax as lj
-    from lora_jax import checkpoint
+    from lora_jax._src.io import checkpoint
 
     path, mode, first = sys.argv[1], sys.argv[2], int(sys.argv[3])
     rules = [lj.LoraRule("w", rank=4)]
