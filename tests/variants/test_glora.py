@@ -380,3 +380,16 @@ def test_every_weight_kind_factored_equals_materialized(case, a_form):
     want = run(True)
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_glora_arrays_without_their_metadata_are_refused(tmp_path):
+    params, _, pattern = _model(False)
+    rules = [lj.LoraRule(pattern, rank=2, glora=True)]
+    frozen, trainable = _split(rules[0], params)
+    path = lj.save_adapters(tmp_path / "g", trainable, rules=rules, base=frozen)
+    meta_file = path / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    del next(e for e in meta["leaves"] if "glora" in e)["glora"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="has glora_\\* arrays but no glora metadata"):
+        lj.load_adapters(path, base=frozen)

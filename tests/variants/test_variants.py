@@ -934,7 +934,7 @@ def test_experiment_smoke():
         [sys.executable, str(root / "experiments" / "variants.py"), "--smoke"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=420,  # eight tiny rows, each compiling its step
         cwd=root,
         env={**env, "JAX_PLATFORMS": "cpu"},
     )

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import safetensors.numpy
 from peft_helpers import TOL, check_peft_loads, our_outputs, torch_outputs
 
 import lora_jax as lj
+from lora_jax._src.core import variant as V
 from lora_jax._src.variants.vera import Projection
 from lora_jax.models import bert
 
@@ -197,6 +199,10 @@ def test_factor_shardings_and_sharded_split():
         (lambda: lj.Vera(d_initial=float("nan")), ValueError, "d_initial=nan"),
         (lambda: lj.LoraRule("w", rank=2, variant="vera"), TypeError,
          "variant='vera' is not the config of a registered variant"),
+        (lambda: lj.LoraRule("w", full=True, variant=lj.Vera()), ValueError,
+         "full=True trains the leaf fully; drop vera"),
+        (lambda: V.register(object()), TypeError, "register\\(\\) needs a named Variant"),
+        (lambda: V.get("nope"), ValueError, "no variant 'nope' is registered"),
     ],
 )  # fmt: skip
 def test_errors(make, error, match):
@@ -204,10 +210,21 @@ def test_errors(make, error, match):
         make()
 
 
-def test_banks_and_lora_exports_refuse_vera(tmp_path):
+def test_banks_and_lora_exports_refuse_vera():
     _, _, _, trainable = _split()
     with pytest.raises(ValueError, match="these are VeRA factors"):
         lj.stack_adapters([trainable])
+
+
+def test_corrupted_vera_checkpoint_is_refused(tmp_path):
+    _, rules, frozen, trainable = _split()
+    path = lj.save_adapters(tmp_path / "c", trainable, rules=rules, base=frozen)
+    meta_file = path / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["leaves"][0]["arrays"]["vera_lambda_b"]["shape"] = [7]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"VeRA arrays .* do not fit a \[8, 3\], b \[3, 6\]"):
+        lj.load_adapters(path, base=frozen)
 
 
 # --- PEFT's VeRA tuner (tiny random BERT) -------------------------------------------------
@@ -273,6 +290,24 @@ def test_peft_vera_errors(peft_bert, tmp_path):
     cfg_path.write_text(json.dumps({**cfg, "r": 5}))
     with pytest.raises(ValueError, match=r"do not fit the base weight .* with r=5"):
         lj.peft.load_pretrained(tmp_path / "a", frozen, key_map=bert.PEFT_KEY_MAP)
+    for bad, match in (
+        ({"r": 0}, "r=0 must be a positive int"),
+        ({"vera_dropout": 1.5}, r"vera_dropout=1.5 must be a number in \[0, 1\)"),
+    ):
+        cfg_path.write_text(json.dumps({**cfg, **bad}))
+        with pytest.raises(ValueError, match=match):
+            lj.peft.load_pretrained(tmp_path / "a", frozen, key_map=bert.PEFT_KEY_MAP)
+    cfg_path.write_text(json.dumps(cfg))
+    tensors = safetensors.numpy.load_file(tmp_path / "a" / "adapter_model.safetensors")
+    del tensors["base_model.vera_B"]
+    safetensors.numpy.save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"but no \['base_model.vera_B'\]; the file is incomplete"):
+        lj.peft.load_pretrained(tmp_path / "a", frozen, key_map=bert.PEFT_KEY_MAP)
+    # VeRA and LoRA factors cannot share one PEFT adapter, nor VeRA and fully trained leaves
+    both = [rules[0], lj.LoraRule(r".*/value/kernel", rank=4)]
+    _, t1 = lj.split(params, both, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="VeRA factors cannot share a PEFT adapter"):
+        lj.peft.save_pretrained(tmp_path / "c", t1, key_map=bert.PEFT_KEY_MAP)
     # two seeds in one tree: PEFT has one pair of projections per adapter
     mixed = [
         lj.LoraRule(r".*/query/kernel", rank=4, variant=lj.Vera(seed=0)),

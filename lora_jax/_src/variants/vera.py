@@ -266,12 +266,8 @@ class VeraVariant(_variant.Variant):
                     "VeRA factors of this tree do not share one pair of projections (PEFT has one "
                     "vera_A, vera_B per adapter); split them with one lj.Vera(seed=...) and rank."
                 )
-        if config["modules_to_save"]:
-            raise ValueError("the PEFT VeRA export writes VeRA leaves only; drop full=True rules.")
-        vera = {
-            k: config[k]
-            for k in ("task_type", "base_model_name_or_path", "target_modules", "fan_in_fan_out")
-        }
+        keep = ("task_type", "base_model_name_or_path", "target_modules", "modules_to_save")
+        vera = {k: config[k] for k in (*keep, "fan_in_fan_out")}
         vera.update(
             peft_type="VERA",
             r=int(a_full.shape[0]),
