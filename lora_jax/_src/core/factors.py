@@ -15,7 +15,7 @@ delta W = scale * a @ b, contracted over r, with scale = alpha / r
 delta W = scale * a @ (singular * b)), and ``magnitude`` ``(*stack, *out_axes)``
 makes it DoRA: W = magnitude * (W0 + delta W) / ||W0 + delta W||, the norm taken
 over the input axes for each output column and held constant in the backward pass.
-``glora`` makes it GLoRA (``_glora.py``): W = W0 + W0 * A + delta W, plus bias terms.
+``glora`` makes it GLoRA (``variants/glora.py``): W = W0 + W0 * A + delta W, plus bias terms.
 ``in_axes`` are the weight's axes that the
 function contracts with its input (for a Flax kernel ``(in, out)``: axis 0; for
 an embedding table ``(vocab, dim)``: the vocab axis); ``out_axes`` are the
