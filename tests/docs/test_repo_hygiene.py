@@ -34,3 +34,17 @@ def test_no_pointers_to_files_outside_the_repository():
         if OUTSIDE.search(line)
     ]
     assert not hits, "\n".join(hits)
+
+
+def test_files_named_in_the_docs_and_docstrings_exist():
+    """A ``module.py`` named in a docstring or a docs page is a file of this repository."""
+    named = re.compile(r"`+([\w/.-]+\.(?:py|md|ipynb))`+")
+    existing = [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*") if ".venv" not in p.parts]
+    files = [*(ROOT / "docs").rglob("*.md"), *(ROOT / "lora_jax").rglob("*.py"), ROOT / "README.md"]
+    stale = sorted(
+        f"{f.relative_to(ROOT)}: {name}"
+        for f in files
+        for name in named.findall(f.read_text())
+        if not any(e == name or e.endswith("/" + name) for e in existing)
+    )
+    assert not stale, "\n".join(stale)

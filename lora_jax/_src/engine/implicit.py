@@ -1,6 +1,6 @@
 """Adapted: an adapted weight kept implicit as ``base + scale * (a ⊗ b)`` while a program runs.
 
-The engine (``_engine.py``) carries one ``Adapted`` per adapted (or quantised)
+The engine (``interpreter.py``) carries one ``Adapted`` per adapted (or quantised)
 weight through a traced program. Views of the weight (transpose, reshape,
 slices, gathers, dtype casts) are applied to the base and, axis by axis, to the
 factors; uses (``dot_general``, ``conv_general_dilated``) compute the base term
