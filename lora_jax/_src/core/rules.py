@@ -32,6 +32,35 @@ def is_principal_init(init: str) -> bool:
 class LoraRule:
     """How the leaves whose path matches ``pattern`` are adapted.
 
+    Attributes:
+        pattern: regex matched with :func:`re.fullmatch` against each leaf's "/"-joined
+            path (``params/layer_0/query/kernel``; NNX state paths end in ``/value``).
+            The first rule that matches a leaf wins; a rule that matches nothing raises.
+        rank: LoRA rank ``r`` (required unless ``full=True``).
+        alpha: scale numerator, ``delta W = (alpha / rank) * a @ b``; default ``2 * rank``.
+        full: train the matched leaf fully instead of adapting it (PEFT's
+            ``modules_to_save``); ``rank``/``alpha`` must then be unset.
+        init: ``"gaussian"`` (``a ~ N(0, 1/r^2)``, PEFT's ``init_lora_weights="gaussian"``),
+            ``"kaiming"`` (PEFT's default kaiming-uniform, bound ``1/sqrt(fan_in)``),
+            ``"pissa"``/``"pissa_niter_<n>"`` (top-r singular triplets of ``W0``, the
+            residual becomes the frozen base) or ``"olora"`` (QR of ``W0``); ``b = 0`` for
+            the first two.
+        in_axes: the weight's axes contracted with the function's input (``a``'s side).
+            ``None``: read from the weight's first contraction when ``split`` gets
+            ``apply_fn=``, else ``(0,)`` for a 2-D weight (with a warning); ``(1,)`` for an
+            ``(out, in)`` weight such as ``eqx.nn.Linear.weight``.
+        stack_axes: leading axes that index stacked layers (each layer gets its own
+            factors); ``None``: inferred with ``apply_fn=`` (``lax.scan``, batched
+            einsums), else ``()``. Also how to give each part of a fused kernel its own
+            adapter (Gemma's ``kv_einsum`` ``(2, heads, embed, head_dim)``: ``(0,)``).
+        dropout: dropout probability on the adapter branch's input, active when
+            ``lora_apply``'s wrapper gets ``lora_rng=``.
+        param_dtype: storage dtype of the factors (float32 by default).
+        rslora: scale by ``alpha / sqrt(rank)`` (rsLoRA; PEFT's ``use_rslora``).
+        dora: DoRA, a trainable magnitude per output column (PEFT's ``use_dora``).
+        adalora: AdaLoRA, ``delta W = P diag(lambda) Q`` with trainable singular values.
+        glora: GLoRA support tensors: ``True`` for ``lj.Glora()`` or an ``lj.Glora(...)``.
+
     Example:
         >>> import lora_jax as lj
         >>> lj.LoraRule(r".*/(query|value)/kernel", rank=8).scale

@@ -220,6 +220,8 @@ def _dot(eqn: Any, invals: Sequence[Any], ctx: Context) -> list[Any]:
 
 def _conv(eqn: Any, invals: Sequence[Any], ctx: Context) -> list[Any]:
     x, w = invals
+    if isinstance(x, Adapted) and x.indexed and isinstance(w, Adapted):
+        x = ctx.fallback(x, "conv_general_dilated")  # embedding rows are activations: formed
     if isinstance(x, Adapted) or not isinstance(w, Adapted):
         x = ctx.fallback(x, "conv_general_dilated", "adapted weight as the conv input")
         return _bind(eqn, [x, _dense(w, ctx, "conv_general_dilated")])
