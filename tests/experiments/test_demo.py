@@ -137,6 +137,8 @@ def test_demo_smoke(tmp_path):
     results = ROOT / "experiments" / "RESULTS.md"
     recorded = results.read_text() if results.exists() else ""
     assert "(48 sentences," not in recorded  # smoke figures are never recorded
+    assert "(48 sentences," in (tmp_path / "summary.md").read_text()  # the summary goes to --out
+    assert re.search(r"s/step \(process CPU \d+\.\d+ s/step: \d+\.\d+ cores used\)", out), out
 
 
 @pytest.mark.slow  # 15 s idle, up to 90 s loaded: imports torch, transformers, peft
