@@ -317,7 +317,9 @@ def apply_bank(
     default 0 for arguments holding arrays): each example sees a batch of 1 (its axis
     is kept with size 1) and the slot's factors, gathered per example. The frozen base is
     not batched, so each base matmul runs once for the whole batch and only the low-rank
-    terms are per example. Outputs drop the size-1 axis 0 added per example.
+    terms are per example. Outputs drop the size-1 axis 0 added per example. When every id
+    of the batch is the same (checked at run time), the slot is selected once and ``apply``
+    runs on the whole batch instead, as with a scalar id (see :func:`_uniform_or_mixed`).
     """
     if not isinstance(bank, AdapterBank):
         raise TypeError(
@@ -392,7 +394,10 @@ def _uniform_or_mixed(uniform: Callable, mixed: Callable, ids: jax.Array) -> Any
     served by one adapter costs what ``lora_apply`` with that adapter costs. It is used only
     where both branches give the same output shapes and dtypes (a function that reduces over
     the batch, e.g. a mean loss, has per-example outputs under ``vmap``); otherwise ``mixed``.
+    Like the per-example path, it assumes examples do not interact inside ``apply``.
     """
+    if ids.shape[0] == 0:
+        return mixed()
     try:  # traces each branch once
         return jax.lax.cond(jnp.all(ids == ids[0]), uniform, mixed)
     except TypeError:  # lax.cond rejects branches whose outputs differ: is that the cause?
