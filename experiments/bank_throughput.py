@@ -1,7 +1,7 @@
 """Throughput of one mixed batch over many adapters (AdapterBank) versus a merged model per adapter.
 
 Model: lora_jax.models.gpt BENCH (4 layers, d_model 512, MLP 2048, vocab 8192), LoRA r = 8
-(alpha 16) on q, k, v, o, fc1, fc2, float32, one CPU thread. A batch of 64 sequences of 32
+(alpha 16) on q, k, v, o, fc1, fc2, float32, one CPU core (pinned). A batch of 64 sequences of 32
 tokens (BENCH's 128-token sequences shortened so the whole run fits in a few minutes on a
 shared 2-core machine) is served
 
@@ -23,15 +23,19 @@ tokens per adapter with lax.ragged_dot (SGMV).
 from __future__ import annotations
 
 import os
+import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _timing  # noqa: E402
+
+_timing.pin_one_core()  # before jax starts its threads
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 )
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -39,23 +43,24 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
+from lora_jax._src.multi import bank as bank_module  # noqa: E402
 from lora_jax.models import gpt  # noqa: E402
 
 SMOKE = gpt.Config(vocab=64, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_len=16)
 is_factors = lambda x: isinstance(x, lj.LoraFactors)
 
 
-def median_times(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, run in interleaved rounds (evens out load)."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())  # compile and warm up
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+def median_times(fns: dict, repeats: int, stats: dict | None = None) -> dict[str, float]:
+    """Median process CPU seconds per call of each function, run in interleaved rounds.
+
+    CPU time (all threads of this one-core process) rather than wall time: on a shared
+    machine it does not count the time other processes held the core. ``stats`` receives
+    the full :class:`_timing.Timing` per function (wall time too).
+    """
+    timings = _timing.interleaved(fns, repeats)
+    if stats is not None:
+        stats.update(timings)
+    return {k: t.median_cpu for k, t in timings.items()}
 
 
 def make_adapters(params, n: int, rank: int) -> tuple:
@@ -135,12 +140,19 @@ def main() -> None:
             return outs
 
         fns[f"bank{n}"] = lambda bank=bank, ids=ids: served(frozen, bank, ids, tokens)
+        if n == 1:  # before/after: the same call compiled with the per-example path forced
+            with mock.patch.object(bank_module, "_uniform_or_mixed", lambda u, mixed, i: mixed()):
+                per_example = served.lower(frozen, bank, ids, tokens).compile()
+            fns["bank1 per-example"] = lambda f=per_example, bank=bank, ids=ids: f(
+                frozen, bank, ids, tokens
+            )
         fns[f"loop{n}"] = loop
         fns[f"fwd{n}"] = lambda loop=loop: loop(False)
         if n == max(counts):  # the bank's mixed batch equals the merged models' outputs
             out = served(frozen, bank, ids, tokens)
             check = max(float(jnp.abs(out[g] - o).max()) for g, o in zip(groups, loop()))
-    med = median_times(fns, repeats)
+    stats: dict = {}
+    med = median_times(fns, repeats, stats)
     t_base, t_merged = med["base"], med["merged"]
     rows = [(n, med[f"bank{n}"], med[f"loop{n}"], med[f"fwd{n}"]) for n in counts]
     kernels = {n: kernel_times(cfg.d_model, batch * seq, seq, n, rank, repeats) for n in counts}
@@ -158,7 +170,11 @@ def main() -> None:
         "",
         f"Single merged model: {us(t_merged):.1f} µs/token; base model: {us(t_base):.1f} µs/token. "
         f"Per-token overhead of the bank with one adapter over the merged model: "
-        f"{us(rows[0][1]) - us(t_merged):+.1f} µs ({rows[0][1] / t_merged:.2f}x).",
+        f"{us(rows[0][1]) - us(t_merged):+.1f} µs (**{rows[0][1] / t_merged:.2f}x** in CPU time, "
+        f"{stats['bank1'].median_wall / stats['merged'].median_wall:.2f}x in wall time; a batch "
+        f"whose ids are all equal runs the slot's factors once for the batch; with that "
+        f"forced off, per-example factors as before: "
+        f"{med['bank1 per-example'] / t_merged:.2f}x).",
         "",
         "Low-rank kernel alone (one adapted matmul, mixed batch): "
         + "; ".join(
@@ -169,14 +185,14 @@ def main() -> None:
         "",
         f"Model {cfg}; LoRA r={rank} on q, k, v, o, fc1, fc2; batch {batch} x {seq} tokens, "
         f"example i uses adapter 1 + i mod N; median of {repeats} interleaved rounds after a "
-        f"warm-up, one compute thread. Max |bank - merged loop| over the logits with "
+        f"warm-up, process CPU time, one core. Contention: {_timing.contention()}. "
+        f"Max |bank - merged loop| over the logits with "
         f"{max(counts)} adapters: "
         f"{check:.1e}.",
     ]
     body = "\n".join(lines)
     print(body)
     if not args.smoke:
-        sys.path.insert(0, os.path.dirname(__file__))
         from _results import write_section
 
         write_section(

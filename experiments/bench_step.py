@@ -1,4 +1,4 @@
-"""Training-step and inference benchmark of the factored engine (ratios, one process, one thread).
+"""Training-step and inference benchmark of the factored engine (ratios, one process, one core).
 
 Workload (lora_jax.models.gpt.BENCH): decoder-only LM, 4 layers, d_model 512, 8 heads, MLP 2048,
 vocab 8192, seq 128, batch 4, float32, AdamW; LoRA r = 8 on q, k, v, o, fc1, fc2. Configurations
@@ -20,16 +20,20 @@ Peak memory is measured in a fresh subprocess per configuration (ru_maxrss).
 from __future__ import annotations
 
 import os
+import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _timing  # noqa: E402
+
+_timing.pin_one_core()  # before jax starts its threads
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 )
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -116,22 +120,20 @@ def compile_times(steps, states) -> tuple[dict[str, float], dict[str, int]]:
     return seconds, memory
 
 
-def time_steps(steps, states, fwd, repeats: int, warmup: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in list(steps) + list(fwd)}
-    for i in range(warmup + repeats):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            train, state, loss = fn(*states[name])
-            loss.block_until_ready()
+def time_steps(steps, states, fwd, repeats: int, warmup: int) -> dict[str, _timing.Timing]:
+    """Wall and process CPU seconds of every step and forward, stepped in turn."""
+
+    def stepper(name):
+        def run():
+            train, state, loss = steps[name](*states[name])
             states[name][:2] = [train, state]
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-        for name, (fn, args) in fwd.items():
-            t0 = time.perf_counter()
-            fn(*args).block_until_ready()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return times
+            return loss
+
+        return run
+
+    fns = {name: stepper(name) for name in steps}
+    fns.update({name: (lambda fn=fn, args=args: fn(*args)) for name, (fn, args) in fwd.items()})
+    return _timing.interleaved(fns, repeats, warmup=warmup)
 
 
 def live_rss(config: str, smoke: bool) -> float:
@@ -173,18 +175,20 @@ def main() -> None:
 
     compiled, compiled_mem = compile_times(steps, states)
     times = time_steps(steps, states, fwd, repeats, warmup=2)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: t.median_cpu for k, t in times.items()}  # CPU time: the load-robust measure
     mem = {k: live_rss(k, args.smoke) for k in steps}
     n_params = lj.count_params(states["full"][0])
     n_train = lj.count_params(states["factored"][0])
     rows = [
-        "| configuration | × floor | × full fine-tuning | compile (s) | compiled memory (MiB) "
-        "| RSS after 3 steps (MiB) |",
-        "|---|---|---|---|---|---|",
+        "| configuration | × floor | × full fine-tuning | wall s/step | CPU s/step | cores used "
+        "| compile (s) | compiled memory (MiB) | RSS after 3 steps (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for k in steps:
+        t = times[k]
         rows.append(
             f"| {k} | {med[k] / med['floor']:.2f} | {med[k] / med['full']:.2f} "
+            f"| {t.median_wall:.3f} | {t.median_cpu:.3f} | {t.cores:.2f} "
             f"| {compiled[k]:.1f} | {compiled_mem[k] / 2**20:.0f} | {mem[k]:.0f} |"
         )
     adam_mib = 2 * 4 * (n_params - n_train) / 2**20
@@ -192,7 +196,8 @@ def main() -> None:
     saved_mib = (compiled_mem["full"] - compiled_mem["factored"]) / 2**20
     body = "\n".join(rows) + (
         f"\n\n{n_params:,} parameters, {n_train:,} trainable (LoRA r = 8 on q, k, v, o, fc1, fc2); "
-        f"median of {repeats} interleaved steps after 2 warm-up rounds, one compute thread.\n\n"
+        f"ratios of median process CPU time over {repeats} interleaved steps after 2 warm-up "
+        f"rounds, one core. Contention: {_timing.contention()}.\n\n"
         f"Factored compile time / materialized: {compile_ratio:.2f}.\n"
         f"Memory, full - factored: compiled {saved_mib:.0f} MiB, "
         f"RSS {mem['full'] - mem['factored']:.0f} MiB "
@@ -206,7 +211,6 @@ def main() -> None:
     )
     print(body)
     if not args.no_write:
-        sys.path.insert(0, os.path.dirname(__file__))
         from _results import write_section
 
         cmd = "python experiments/bench_step.py" + (" --smoke" if args.smoke else "")

