@@ -188,7 +188,7 @@ def train_torch(model, data_batches, held_out, lr, eval_every, r, alpha):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(lr(s)))
 
     def loss_of(tokens):
-        t = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+        t = torch.as_tensor(np.array(tokens), dtype=torch.long)
         logits = model(input_ids=t[:, :-1]).logits
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten())
 
@@ -204,7 +204,7 @@ def train_torch(model, data_batches, held_out, lr, eval_every, r, alpha):
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
         if (i + 1) % eval_every == 0 or i + 1 == len(data_batches):
@@ -220,7 +220,7 @@ def peft_logits_diff(trainable, frozen, config, rules, smoke, folder, adapter_di
     lj.peft.save_pretrained(adapter_dir, trainable, key_map=llama.PEFT_KEY_MAP, rules=rules)
     model = PeftModel.from_pretrained(torch_base(smoke, folder), adapter_dir).eval()
     with torch.no_grad():
-        theirs = model(input_ids=torch.as_tensor(np.asarray(ids), dtype=torch.long)).logits
+        theirs = model(input_ids=torch.as_tensor(np.array(ids), dtype=torch.long)).logits
     ours = lj.lora_apply(llama.forward)(frozen, trainable, config, jnp.asarray(ids))
     return float(np.abs(np.asarray(ours) - theirs.numpy()).max())
 
@@ -265,7 +265,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for the plot, losses and adapter")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch + PEFT run")
     args = ap.parse_args()
-    if hasattr(os, "sched_setaffinity") and 1 in os.sched_getaffinity(0):
+    if not args.smoke and hasattr(os, "sched_setaffinity") and 1 in os.sched_getaffinity(0):
         os.sched_setaffinity(0, {1})  # one core for every timed side (the machine is shared)
     steps = args.steps or (25 if args.smoke else 150)
     seq, batch, new_tokens, n_eval = (32, 4, 40, 8) if args.smoke else (64, 4, 60, 32)
@@ -321,7 +321,8 @@ def main() -> None:
     body = (
         f"| run | held-out loss before | after {steps} steps | perplexity after | "
         f"wall s/step | CPU s/step |\n|---|---:|---:|---:|---:|---:|\n{table}\n\n"
-        f"One process pinned to one core; medians over steps 2..{steps}. The machine was "
+        f"{'One process' if args.smoke else 'One process pinned to one core'}; medians "
+        f"over steps 2..{steps}. The machine was "
         f"shared with other engineers' jobs during this run: absolute times are inflated, "
         f"compare rows. Held out: {n_eval} windows of {seq} tokens from the last 10% of "
         f"hamlet.txt ({len(train_ids):,} train / {len(test_ids):,} held-out tokens); batch "
