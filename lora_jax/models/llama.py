@@ -269,7 +269,12 @@ def load_gguf(
 
 
 def forward(
-    params: dict, config: LlamaConfig, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    params: dict,
+    config: LlamaConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    remat: bool = False,
 ) -> jax.Array:
     """Next-token logits ``(batch, seq, vocab)`` of ``input_ids (batch, seq)``.
 
@@ -277,6 +282,8 @@ def forward(
     padded keys. Positions are ``0..seq-1`` for every row (transformers' default), so
     pad on the right (:func:`lora_jax.models.generate.generate` takes left-padded
     prompts). Computes in the embedding dtype; norms and softmax in float32.
+    ``remat=True`` wraps each layer in ``jax.checkpoint``: the backward pass recomputes
+    a layer's activations instead of storing them (memory of one layer, not all).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -303,7 +310,7 @@ def forward(
         q, k, v = attention_qkv(h, p, cos, sin, config, b)
         return layer_output(h, attend(q, k, v, bias), p, config), None
 
-    h, _ = jax.lax.scan(step, h, params["layers"])
+    h, _ = jax.lax.scan(jax.checkpoint(step) if remat else step, h, params["layers"])
     return logits_of(params, config, h).reshape(b, s, -1)
 
 

@@ -15,6 +15,7 @@ import pytest
 import tokenizers
 import torch
 import transformers
+from llama_helpers import write_gguf as _write_gguf
 
 import lora_jax as lj
 from lora_jax.models import KeyEntry, KeyMap, bert, llama
@@ -227,39 +228,6 @@ def test_llama_bf16_checkpoint_keeps_dtype(tiny_llama, tmp_path):
     want = np.asarray(llama.forward(ref, config, ids))
     # bf16 weights and activations: 8 mantissa bits over 2 layers.
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.02, rtol=0.05)
-
-
-def _write_gguf(path, model, arch="llama"):
-    """A float32 GGUF of a torch Llama, written the way llama.cpp's converter does."""
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    names = {v: k for k, v in llama._GGUF_NAMES.items()}
-    for key, t in model.state_dict().items():
-        if key == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        t = t.numpy()
-        if key.startswith("model.layers."):
-            _, _, layer, *rest = key.split(".")
-            kind = {v: k for k, v in llama._GGUF_BLOCK.items()}[".".join(rest[:-1])]
-            if kind in ("attn_q", "attn_k"):  # llama.cpp's row permutation
-                n = cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads
-                rows, cols = t.shape
-                t = t.reshape(n, 2, rows // n // 2, cols).swapaxes(1, 2).reshape(rows, cols)
-            name = f"blk.{layer}.{kind}.weight"
-        else:
-            name = names[key]
-        w.add_tensor(name, np.ascontiguousarray(t, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 def test_tiny_gguf_matches_transformers(tiny_llama, tmp_path):

@@ -166,8 +166,12 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
         raise ValueError(f"{path} does not exist or is not a file; expected a .safetensors file.")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        refuse_pickle(path, head, "a safetensors file")
+        head = f.read(9)
+        # A header length of 0x0280..0x0580 bytes starts with a pickle's b"\x80\x02".."\x05";
+        # a real header's JSON starts right after the 8 length bytes.
+        if head[8:9] != b"{":
+            refuse_pickle(path, head, "a safetensors file")
+        head = head[:8]
         if len(head) < 8:
             raise ValueError(
                 f"{path} is {size} bytes: too short for a safetensors header; the file is "
@@ -179,6 +183,7 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
                 f"{path}: the header claims {n} bytes but the file has {size} bytes; it is "
                 f"truncated or not a safetensors file."
             )
+        f.seek(8)
         raw = f.read(n)
     header = parse_json(raw, f"{path} (safetensors header)")
     if not isinstance(header, dict):
