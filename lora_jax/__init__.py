@@ -13,6 +13,7 @@ from ._src.core.rules import LoraRule as LoraRule
 from ._src.engine.interpreter import LoraCustomRuleWarning as LoraCustomRuleWarning
 from ._src.engine.interpreter import LoraFactoringError as LoraFactoringError
 from ._src.engine.interpreter import LoraMaterializeWarning as LoraMaterializeWarning
+from ._src.engine.interpreter import LoraUnusedWarning as LoraUnusedWarning
 from ._src.io.checkpoint import load_adapters as load_adapters
 from ._src.io.checkpoint import save_adapters as save_adapters
 from ._src.multi.adapter_set import AdapterSet as AdapterSet
@@ -69,6 +70,7 @@ __all__ = [
     "AdapterSet",
     "Int4Array",
     "LoraCustomRuleWarning",
+    "LoraUnusedWarning",
     "LoraFactoringError",
     "Glora",
     "GloraParts",

@@ -41,6 +41,11 @@ class Deferred:
 
     q: QuantizedArray
     ops: tuple[Callable[[jax.Array], jax.Array], ...] = ()
+    per_layer: bool = True  # every op acts elementwise, so it may be replayed per layer slice
+
+    def with_q(self, q: QuantizedArray) -> Deferred:
+        """The same views over another (e.g. traced or sliced) quantised array."""
+        return Deferred(q, self.ops, self.per_layer)
 
     def value(self) -> jax.Array:
         w = self.q.dequantize()
@@ -76,9 +81,12 @@ class Adapted:
     def base_value(self) -> jax.Array:
         return self.base.value() if isinstance(self.base, Deferred) else self.base
 
-    def map_base(self, op: Callable[[jax.Array], jax.Array]) -> jax.Array | Deferred:
+    def map_base(
+        self, op: Callable[[jax.Array], jax.Array], elementwise: bool = False
+    ) -> jax.Array | Deferred:
         if isinstance(self.base, Deferred):
-            return Deferred(self.base.q, self.base.ops + (op,))
+            d = self.base
+            return Deferred(d.q, d.ops + (op,), d.per_layer and elementwise)
         return op(self.base)
 
     def owners(self, axis: int) -> list[str]:
@@ -174,7 +182,8 @@ def transpose(v: Adapted, perm: Sequence[int]) -> Adapted:
 
 
 def convert(v: Adapted, dtype) -> Adapted:
-    return dataclasses.replace(v, base=v.map_base(lambda w: w.astype(dtype)), dtype=dtype)
+    base = v.map_base(lambda w: w.astype(dtype), elementwise=True)
+    return dataclasses.replace(v, base=base, dtype=dtype)
 
 
 def squeeze(v: Adapted, dims: Sequence[int]) -> Adapted:
@@ -329,7 +338,19 @@ def gather(v: Adapted, indices: jax.Array, params: dict) -> Adapted:
     if dn.operand_batching_dims:
         raise Unfactorable("gather with operand batching dims")
     sizes = params["slice_sizes"]
-    indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
+    # An index into an axis sliced whole (what jax.vmap makes of a per-example ``w[i]``)
+    # can only start at 0 once clipped: that axis is not indexed.
+    clip = params["mode"] in (lax.GatherScatterMode.CLIP, lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    pos = [
+        k
+        for k, ax in enumerate(dn.start_index_map)
+        if not (clip and sizes[ax] == v.shape[ax] and ax not in dn.collapsed_slice_dims)
+    ]
+    start_map = tuple(dn.start_index_map[k] for k in pos)
+    f_indices = indices
+    if len(pos) != len(dn.start_index_map):
+        f_indices = jnp.stack([indices[..., k] for k in pos], axis=-1)
+    indexed = set(start_map) | set(dn.collapsed_slice_dims)
     holders = []
     for name, _, m in v.parts():
         held = indexed & set(m)
@@ -353,12 +374,12 @@ def gather(v: Adapted, indices: jax.Array, params: dict) -> Adapted:
             fdn = lax.GatherDimensionNumbers(
                 offset_dims=tuple(range(nb, nb + len(fkept))),
                 collapsed_slice_dims=tuple(m.index(ax) for ax in dn.collapsed_slice_dims),
-                start_index_map=tuple(m.index(ax) for ax in dn.start_index_map),
+                start_index_map=tuple(m.index(ax) for ax in start_map),
             )
             fsizes = tuple(arr.shape[i] if ax is None else sizes[ax] for i, ax in enumerate(m))
             changes[name] = lax.gather(
                 arr,
-                indices,
+                f_indices,
                 fdn,
                 fsizes,
                 indices_are_sorted=params["indices_are_sorted"],

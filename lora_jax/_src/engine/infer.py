@@ -16,10 +16,10 @@ import jax
 from jax.extend import core as jcore
 
 from lora_jax._src.core.trees import is_node, is_weight, leaves_with_paths
+from lora_jax._src.engine import jax_compat as jc
 from lora_jax._src.engine.implicit import _groups, drop_whole_axes
 
 Axes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-_CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,69 +51,75 @@ def _reshape(p: _Probe, old: Sequence[int], new: Sequence[int]) -> _Probe:
 
 
 def _step(eqn: Any, ins: list[Any], found: dict, ndims: dict) -> list[Any]:
-    name, prm = eqn.primitive.name, eqn.params
+    op = jc.read(eqn)
     p = ins[0] if isinstance(ins[0], _Probe) else None
-    if name in ("convert_element_type", "copy", "copy_p", "sharding_constraint") and p:
+    n_out = len(eqn.outvars)
+    if isinstance(op, jc.Convert | jc.Identity | jc.ShardingConstraint | jc.StopGradient) and p:
         return [p]
-    if name == "transpose" and p:
-        return [dataclasses.replace(p, origins=tuple(p.origins[i] for i in prm["permutation"]))]
-    if name == "reshape" and p:
-        return [_reshape(p, eqn.invars[0].aval.shape, prm["new_sizes"])]
-    if name == "squeeze" and p:
-        keep = [i for i in range(len(p.origins)) if i not in prm["dimensions"]]
+    if isinstance(op, jc.Transpose) and p:
+        return [dataclasses.replace(p, origins=tuple(p.origins[i] for i in op.perm))]
+    if isinstance(op, jc.Reshape) and p:
+        return [_reshape(p, eqn.invars[0].aval.shape, op.new_sizes)]
+    if isinstance(op, jc.Squeeze) and p:
+        keep = [i for i in range(len(p.origins)) if i not in op.dims]
         return [dataclasses.replace(p, origins=tuple(p.origins[i] for i in keep))]
-    if name == "broadcast_in_dim" and p:
-        origins = [frozenset()] * len(prm["shape"])
-        for i, d in enumerate(prm["broadcast_dimensions"]):
+    if isinstance(op, jc.Broadcast) and p:
+        origins = [frozenset()] * len(op.shape)
+        for i, d in enumerate(op.dims):
             origins[d] = p.origins[i]
         return [dataclasses.replace(p, origins=tuple(origins))]
-    if name in ("slice", "dynamic_slice") and p:
+    if isinstance(op, jc.Slice | jc.DynamicSlice) and p:
         return [p]
-    if name == "gather" and p:
-        dn = prm["dimension_numbers"]
+    if isinstance(op, jc.Split) and p:
+        return [p] * n_out
+    if isinstance(op, jc.Barrier):
+        return list(ins)
+    if isinstance(op, jc.Gather) and p:
+        dn = op.params["dimension_numbers"]
         n_batch = len(eqn.invars[1].aval.shape) - 1
         if n_batch == 0:  # one layer picked out of a stack
             gone = set(dn.collapsed_slice_dims)
             stack = p.stack | frozenset().union(*(p.origins[i] for i in gone))
             kept = tuple(o for i, o in enumerate(p.origins) if i not in gone)
             return [dataclasses.replace(p, origins=kept, stack=stack)]
-        _, prm = drop_whole_axes(eqn.invars[0].aval.shape, None, prm)
+        _, prm = drop_whole_axes(eqn.invars[0].aval.shape, None, op.params)
         dn = prm["dimension_numbers"]
         _decide(p, set(dn.start_index_map), set(), found, ndims[p.path])
         return [None]
-    if name == "dot_general":
-        (lc, rc), (lb, rb) = prm["dimension_numbers"]
+    if isinstance(op, jc.Dot):
+        (lc, rc), (lb, rb) = op.dimension_numbers
         for q, c, b in ((ins[0], lc, lb), (ins[1], rc, rb)):
             if isinstance(q, _Probe):
                 _decide(q, set(c), set(b), found, ndims[q.path])
         return [None]
-    if name == "conv_general_dilated" and isinstance(ins[1], _Probe):
-        rhs = prm["dimension_numbers"].rhs_spec
+    if isinstance(op, jc.RaggedDot) and isinstance(ins[1], _Probe):
+        (_, rc), _ = op.dimension_numbers.dot_dimension_numbers
+        groups = set(op.dimension_numbers.rhs_group_dimensions)
+        _decide(ins[1], set(rc), groups, found, ndims[ins[1].path])
+        return [None]
+    if isinstance(op, jc.Conv) and isinstance(ins[1], _Probe):
+        rhs = op.params["dimension_numbers"].rhs_spec
         _decide(ins[1], {rhs[1], *rhs[2:]}, set(), found, ndims[ins[1].path])
         return [None]
-    if name in _CALLS:
-        closed = prm.get("jaxpr", prm.get("call_jaxpr"))
-        return _walk(closed.jaxpr, ins, found, ndims)
-    if name in ("remat2", "checkpoint", "remat"):
-        return _walk(prm["jaxpr"], ins, found, ndims)
-    if name == "scan":
-        start = prm["num_consts"] + prm["num_carry"]
+    if isinstance(op, jc.Call | jc.Custom | jc.Remat | jc.ShardMap):
+        return _walk(op.body.jaxpr, ins, found, ndims)
+    if isinstance(op, jc.Scan):
+        start = op.num_consts + op.num_carry
         body_ins = list(ins[:start])
         for q in ins[start:]:
             if isinstance(q, _Probe):
                 q = dataclasses.replace(q, origins=q.origins[1:], stack=q.stack | q.origins[0])
             body_ins.append(q)
-        _walk(prm["jaxpr"].jaxpr, body_ins, found, ndims)
-        return [None] * len(eqn.outvars)
-    if name == "cond":
-        for branch in prm["branches"]:
+        _walk(op.body.jaxpr, body_ins, found, ndims)
+        return [None] * n_out
+    if isinstance(op, jc.Cond):
+        for branch in op.branches:
             _walk(branch.jaxpr, ins[1:], found, ndims)
-        return [None] * len(eqn.outvars)
-    if name == "while":
-        n = prm["cond_nconsts"]
-        _walk(prm["body_jaxpr"].jaxpr, ins[n:], found, ndims)
-        return [None] * len(eqn.outvars)
-    return [None] * len(eqn.outvars)
+        return [None] * n_out
+    if isinstance(op, jc.While):
+        _walk(op.body.jaxpr, ins[op.cond_nconsts :], found, ndims)
+        return [None] * n_out
+    return [None] * n_out
 
 
 def _walk(jaxpr: Any, inputs: Sequence[Any], found: dict, ndims: dict) -> list[Any]:
@@ -162,10 +168,10 @@ def infer_axes(
         _Probe(p, tuple(frozenset([j]) for j in range(len(w.shape)))) if p in wanted else None
         for p, w in (items[i] for i in arrays)
     ]
-    n_rest = len(closed.jaxpr.invars) - len(probes)
+    n_rest = len(jc.closed(closed).jaxpr.invars) - len(probes)
     found: dict[str, Axes] = {}
     ndims = {p: len(w.shape) for p, w in items if p in wanted}
-    _walk(closed.jaxpr, probes + [None] * n_rest, found, ndims)
+    _walk(jc.closed(closed).jaxpr, probes + [None] * n_rest, found, ndims)
     missing = [p for p in paths if p not in found and p not in set(optional)]
     if missing:
         raise ValueError(
