@@ -91,9 +91,10 @@ def lora_apply(
         >>> import jax, jax.numpy as jnp, lora_jax as lj
         >>> params = {"w": jnp.ones((3, 2))}
         >>> frozen, trainable = lj.split(params, [lj.LoraRule("w", rank=1)], key=jax.random.key(0))
+        >>> trainable["w"] = trainable["w"].with_factors(jnp.ones((3, 1)), jnp.ones((1, 2)))
         >>> apply = lj.lora_apply(lambda p, x: x @ p["w"])
-        >>> apply(frozen, trainable, jnp.ones((1, 3)))
-        Array([[3., 3.]], dtype=float32)
+        >>> apply(frozen, trainable, jnp.ones((1, 3)))  # 3 + (alpha / r) * 3 = 3 + 2 * 3
+        Array([[9., 9.]], dtype=float32)
     """
 
     if not callable(fn):

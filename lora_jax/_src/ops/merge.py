@@ -66,8 +66,10 @@ def merge(frozen: Any, trainable: Any, *, requantize: bool = False) -> Any:
         >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
         >>> frozen, trainable = lj.split(params, [lj.LoraRule(".*kernel", rank=2)],
         ...                              key=jax.random.key(0))
-        >>> bool(jnp.all(lj.merge(frozen, trainable)["dense"]["kernel"] == 1.0))
-        True
+        >>> t = trainable["dense"]["kernel"]  # b starts at zero; give both factors values
+        >>> trainable["dense"]["kernel"] = t.with_factors(jnp.ones((4, 2)), jnp.ones((2, 3)))
+        >>> lj.merge(frozen, trainable)["dense"]["kernel"][0]  # 1 + (alpha / r) * 2 = 1 + 2 * 2
+        Array([5., 5., 5.], dtype=float32)
     """
     check_pair(frozen, trainable)
     errors: dict[str, jax.Array] = {}
