@@ -45,6 +45,7 @@ def test_files_named_in_the_docs_and_docstrings_exist():
         f"{f.relative_to(ROOT)}: {name}"
         for f in files
         for name in named.findall(f.read_text())
-        if not any(e == name or e.endswith("/" + name) for e in existing)
+        if not name.startswith("jax/")  # upstream jax sources cited at the version boundary
+        and not any(e == name or e.endswith("/" + name) for e in existing)
     )
     assert not stale, "\n".join(stale)
