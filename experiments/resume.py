@@ -220,9 +220,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(outdir: str, layout: str, *, nproc: int = 1, delay: float = 0.0, kill_in_save=None):
-    """Start the training process(es) of one attempt; returns their ``Popen`` objects."""
+def start(
+    outdir: str,
+    layout: str,
+    *,
+    nproc: int = 1,
+    delay: float = 0.0,
+    kill_in_save: int | None = None,
+    cache: str | None = None,
+):
+    """Start the training process(es) of one attempt; returns their ``Popen`` objects.
+
+    ``cache``: a JAX persistent compilation cache shared by the attempts (the restarted
+    processes load the step's executable instead of compiling it again; same program).
+    """
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if cache is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = cache
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -302,30 +318,38 @@ def compare(ref: str, run: str, pid: int = 0) -> dict:
 
 
 def scenario(
-    layout: str, kills: tuple[str, ...], nproc: int = 1, seed: int = 0, delay: float = 0.05
+    layout: str,
+    kills: tuple[str, ...],
+    nproc: int = 1,
+    seed: int = 0,
+    delay: float = 0.05,
+    workdir: str | None = None,
 ) -> dict:
     """The uninterrupted run vs one killed once per entry of ``kills`` and restarted each time.
 
     ``"random"`` SIGKILLs the last process at a random step, ``"in-save"`` inside the save
-    of a random even step. The reference runs beside the first attempt.
+    of a random even step. The reference runs beside the first attempt. Directories
+    are made under ``workdir`` (default: the system's temporary directory).
     """
     rng = random.Random(seed)
-    ref, run = tempfile.mkdtemp(prefix="resume_ref_"), tempfile.mkdtemp(prefix="resume_run_")
-    ref_procs, attempts = start(ref, layout, nproc=nproc), []
+    ref, run, cache = (
+        tempfile.mkdtemp(prefix=f"resume_{n}_", dir=workdir) for n in ("ref", "run", "jit")
+    )
+    ref_procs, attempts = start(ref, layout, nproc=nproc, cache=cache), []
     for kill in kills:
         before = steps_logged(run, nproc - 1)
         if kill == "random":
-            procs = start(run, layout, nproc=nproc, delay=delay)
+            procs = start(run, layout, nproc=nproc, delay=delay, cache=cache)
             reached = kill_at_random_step(run, procs, rng, Config().steps, victim=nproc - 1)
         else:
             target = 2 * rng.randint(before // 2 + 1, Config().steps // 2 - 1)
-            procs = start(run, layout, nproc=nproc, kill_in_save=target)
+            procs = start(run, layout, nproc=nproc, kill_in_save=target, cache=cache)
             for p in procs:
                 p.wait()
             reached = target
         names = sorted(p.name for p in (Path(run) / "ckpt").iterdir() if p.name[0].isdigit())
         attempts.append({"kill": kill, "at_step": reached, "step_dirs_after_kill": names})
-    finish(start(run, layout, nproc=nproc))
+    finish(start(run, layout, nproc=nproc, cache=cache))
     finish(ref_procs)
     result = {"layout": layout, "nproc": nproc, "attempts": attempts}
     for pid in range(nproc):

@@ -32,17 +32,17 @@ def _check(result, nproc=1):
             assert 3 <= a["at_step"] <= resume.Config().steps, result
 
 
-def test_single_device_killed_in_a_save_and_at_random_resumes_exactly():
-    result = resume.scenario("single", ("in-save", "random"), seed=1)
+def test_single_device_killed_in_a_save_and_at_random_resumes_exactly(tmp_path):
+    result = resume.scenario("single", ("in-save", "random"), seed=1, workdir=tmp_path)
     _check(result)
     # the random kill landed mid-run: the restart retrained the steps after its checkpoint
     assert result["process_0"]["retrained_steps"] >= 1
 
 
-def test_eight_devices_sharded_adapters_resume_exactly():
-    _check(resume.scenario("sharded", ("random",), seed=2))
+def test_eight_devices_sharded_adapters_resume_exactly(tmp_path):
+    _check(resume.scenario("sharded", ("random",), seed=2, workdir=tmp_path))
 
 
 @pytest.mark.slow
-def test_two_processes_one_killed_resume_exactly():
-    _check(resume.scenario("sharded", ("random",), nproc=2, seed=3), nproc=2)
+def test_two_processes_one_killed_resume_exactly(tmp_path):
+    _check(resume.scenario("sharded", ("random",), nproc=2, seed=3, workdir=tmp_path), nproc=2)
