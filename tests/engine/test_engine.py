@@ -124,7 +124,9 @@ def test_dropout_only_touches_adapter_branch():
     fn = lambda p, x: x @ p["w"]
     apply = jax.jit(lj.lora_apply(fn))
     # b = 0: the adapter branch is zero, so dropout cannot change the output.
-    np.testing.assert_array_equal(apply(frozen, trainable, x, lora_rng=jax.random.key(5)), fn(params, x))
+    np.testing.assert_array_equal(
+        apply(frozen, trainable, x, lora_rng=jax.random.key(5)), fn(params, x)
+    )
     trainable = random_factors(trainable, jax.random.key(3))
     plain = apply(frozen, trainable, x)
     d1 = apply(frozen, trainable, x, lora_rng=jax.random.key(5))
