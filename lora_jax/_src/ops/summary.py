@@ -84,12 +84,13 @@ class LoraSummary:
 def fused_axis(t: LoraFactors) -> int | None:
     """The output axis that looks like several projections fused in one kernel, or None.
 
-    A hint, read from the shape alone: the outermost output axis has size 2 or 3 and more
-    output axes follow it, as in Gemma's ``kv_einsum`` ``(2, heads, embed, head_dim)`` (k and
-    v) or a fused ``qkv`` kernel ``(embed, 3, heads, head_dim)``. One adapter then serves
+    A hint, read from the shape alone: the outermost of three or more output axes (the
+    projection, heads, head_dim) has size 2 or 3, as in Gemma's ``kv_einsum``
+    ``(2, heads, embed, head_dim)`` (k and v) or a fused ``qkv`` kernel
+    ``(embed, 3, heads, head_dim)``. One adapter then serves
     every projection; ``stack_axes`` on that axis gives each its own.
     """
-    if len(t.out_axes) < 2:
+    if len(t.out_axes) < 3:
         return None
     first = t.out_axes[0]
     return first if t.shape[first] in (2, 3) else None
