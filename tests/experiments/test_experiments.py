@@ -84,7 +84,9 @@ def test_zero_overhead_smoke():
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
         merged, unmerged = numbers(cells[3])[0], numbers(cells[4])[0]
-        assert 0.1 < merged < 10 and 0.1 < unmerged < 20, line
+        # Merged runs the base's program (ratio 1 up to noise); the adapter branch costs
+        # ~1.5-2x on these tiny models. A 2x slowdown of either path leaves the band.
+        assert 0.4 < merged < 1.8 and 0.4 < unmerged < 3.0, line
 
 
 @pytest.mark.parametrize("name", ["tiny BERT", "tiny GPT"], ids=["bert", "gpt"])
@@ -158,6 +160,7 @@ def test_causal_lm_smoke():
         numbers(line)[-2] for line in out.splitlines() if line.startswith(("| before", "| after"))
     ]
     assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+    assert losses[1] < losses[0], losses  # training lowers the held-out loss (seeded run)
     cfg = causal_lm.SMOKE_CONFIG
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     expected = cfg.num_hidden_layers * (
