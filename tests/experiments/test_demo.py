@@ -124,7 +124,9 @@ def test_demo_smoke(tmp_path):
     out = _run("demo.py", "--smoke", "--out", str(tmp_path))
     m = re.search(r"^held-out accuracy: (\d\.\d+) -> (\d\.\d+)", out, re.M)
     assert m, out
-    assert all(0.0 <= float(x) <= 1.0 for x in m.groups())
+    before, after = (float(x) for x in m.groups())
+    # Training helps: 0.333 -> 0.708 on the seeded smoke run (48 held-out sentences).
+    assert 0.0 <= before < after - 0.1 and after <= 1.0, (before, after)
     assert "predictions identical: True" in out and "reloaded adapters identical: True" in out
     assert re.search(r"trainable params: 74,498 of 22,566,146 \(302\.9x fewer", out), out
     assert any((tmp_path / "adapter_orbax").iterdir())

@@ -83,7 +83,9 @@ def test_zero_overhead_smoke():
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
         merged, unmerged = numbers(cells[3])[0], numbers(cells[4])[0]
-        assert 0.1 < merged < 10 and 0.1 < unmerged < 20, line
+        # Merged runs the base's program (ratio 1 up to noise); the adapter branch costs
+        # ~1.5-2x on these tiny models. A 2x slowdown of either path leaves the band.
+        assert 0.4 < merged < 1.8 and 0.4 < unmerged < 3.0, line
 
 
 @pytest.mark.parametrize("name", ["tiny BERT", "tiny GPT"], ids=["bert", "gpt"])

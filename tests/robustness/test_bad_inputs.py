@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import pathlib
 import sys
 from collections.abc import Callable
@@ -541,14 +542,23 @@ def test_quantize_args_property(shape, block, stack, fn):
     that names the argument at fault."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
     quantize = lj.quantize_nf4 if fn == "nf4" else lj.quantize_int4
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    valid = (
+        is_int(block)
+        and block > 0
+        and is_int(stack)
+        and 0 <= stack < len(shape)
+        and math.prod(shape[stack:]) > 0
+    )  # the documented contract: valid inputs must be accepted, invalid ones refused
     try:
         q = quantize(x, block_size=block, stack_axes=stack)
     except (TypeError, ValueError) as e:
         msg = str(e)
+        assert not valid, f"valid arguments refused: {msg}"
         assert msg.startswith(f"quantize_{fn}: ")
         assert any(name in msg for name in ("block_size=", "stack_axes=", "no elements")), msg
         return
-    assert isinstance(block, int) and block > 0 and not isinstance(block, bool)
+    assert valid, (shape, block, stack)
     assert q.shape == x.shape
     assert q.dequantize(jnp.float32).shape == x.shape
 
@@ -566,15 +576,25 @@ FIELDS = {
 @given(rank=FIELDS["rank"], alpha=FIELDS["alpha"], dropout=FIELDS["dropout"])
 def test_lora_rule_fields_property(rank, alpha, dropout):
     """Any rank/alpha/dropout: a valid rule, or an error naming the field and the value."""
+    number = lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+    valid = (
+        isinstance(rank, int)
+        and not isinstance(rank, bool)
+        and rank >= 1
+        and (alpha is None or (number(alpha) and math.isfinite(alpha) and alpha > 0))
+        and number(dropout)
+        and 0 <= dropout < 1
+    )  # the documented contract: valid fields must be accepted, invalid ones refused
     try:
         rule = lj.LoraRule("w", rank=rank, alpha=alpha, dropout=dropout)
     except (TypeError, ValueError) as e:
         msg = str(e)
+        assert not valid, f"valid fields refused: {msg}"
         assert msg.startswith("LoraRule('w'): ")
         assert any(f"{name}" in msg for name in ("rank", "alpha=", "dropout=")), msg
         return
-    assert isinstance(rule.rank, int) and rule.rank >= 1
-    assert 0 <= rule.dropout < 1 and rule.scale > 0
+    assert valid, (rank, alpha, dropout)
+    assert rule.scale == (2 * rank if alpha is None else alpha) / rank
 
 
 # ---- the table in docs/RELIABILITY.md ---------------------------------------------------
