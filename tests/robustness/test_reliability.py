@@ -112,7 +112,7 @@ def test_same_seed_gives_bit_identical_adapters_in_process():
 SCRIPT = textwrap.dedent(
     """
     import hashlib, sys, jax, numpy as np, optax, lora_jax as lj
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {here!r}]
     from test_reliability import _setup, _train, _digest
     _, frozen, trainable, batches = _setup()
     print(_digest(_train(batches, optax.adamw(1e-2), frozen, trainable)[-1][1]))
@@ -123,7 +123,9 @@ SCRIPT = textwrap.dedent(
 def test_same_seed_gives_bit_identical_adapters_across_processes(tmp_path):
     import pathlib
 
-    code = SCRIPT.format(tests=str(pathlib.Path(__file__).parents[1]))
+    code = SCRIPT.format(
+        tests=str(pathlib.Path(__file__).parents[1]), here=str(pathlib.Path(__file__).parent)
+    )
     outs = [
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
