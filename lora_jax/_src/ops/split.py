@@ -234,8 +234,8 @@ def split(
         True
     """
     items = leaves_with_paths(params)
-    if not any(is_weight(w) for _, w in items):
-        raise ValueError("params is an empty tree (no arrays); nothing to adapt.")
+    if all(w is None for _, w in items):
+        raise ValueError("params is an empty tree; nothing to adapt.")
     _check_key(key)
     sharded = [w.sharding for _, w in items if _is_sharded(w)]
     if sharded:  # factors are born with shardings derived from their base: no gather
