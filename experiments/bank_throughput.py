@@ -35,7 +35,6 @@ os.environ.setdefault(
 )
 
 import argparse  # noqa: E402
-from unittest import mock  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -43,7 +42,6 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
-from lora_jax._src.multi import bank as bank_module  # noqa: E402
 from lora_jax.models import gpt  # noqa: E402
 
 SMOKE = gpt.Config(vocab=64, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_len=16)
@@ -140,12 +138,6 @@ def main() -> None:
             return outs
 
         fns[f"bank{n}"] = lambda bank=bank, ids=ids: served(frozen, bank, ids, tokens)
-        if n == 1:  # before/after: the same call compiled with the per-example path forced
-            with mock.patch.object(bank_module, "_uniform_or_mixed", lambda u, mixed, i: mixed()):
-                per_example = served.lower(frozen, bank, ids, tokens).compile()
-            fns["bank1 per-example"] = lambda f=per_example, bank=bank, ids=ids: f(
-                frozen, bank, ids, tokens
-            )
         fns[f"loop{n}"] = loop
         fns[f"fwd{n}"] = lambda loop=loop: loop(False)
         if n == max(counts):  # the bank's mixed batch equals the merged models' outputs
@@ -171,10 +163,7 @@ def main() -> None:
         f"Single merged model: {us(t_merged):.1f} µs/token; base model: {us(t_base):.1f} µs/token. "
         f"Per-token overhead of the bank with one adapter over the merged model: "
         f"{us(rows[0][1]) - us(t_merged):+.1f} µs (**{rows[0][1] / t_merged:.2f}x** in CPU time, "
-        f"{stats['bank1'].median_wall / stats['merged'].median_wall:.2f}x in wall time; a batch "
-        f"whose ids are all equal runs the slot's factors once for the batch; with that "
-        f"forced off, per-example factors as before: "
-        f"{med['bank1 per-example'] / t_merged:.2f}x).",
+        f"{stats['bank1'].median_wall / stats['merged'].median_wall:.2f}x in wall time).",
         "",
         "Low-rank kernel alone (one adapted matmul, mixed batch): "
         + "; ".join(

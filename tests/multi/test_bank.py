@@ -117,42 +117,11 @@ def test_base_matmul_runs_once_for_the_batch(mlp_bank):
     jaxpr = jax.make_jaxpr(lambda b, i, x: lj.lora_apply(mlp)(frozen, b, x, adapter_ids=i))(
         bank, ids, x
     )
-    (cond,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
-    mixed, uniform = cond.params["branches"]  # branch 0 runs when the ids differ
-    dots = [e for e in mixed.jaxpr.eqns if e.primitive.name == "dot_general"]
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
     shapes = [tuple(tuple(v.aval.shape) for v in e.invars) for e in dots]
     # One unbatched base matmul per kernel over all 8 examples; low-rank ones batched (BGMV).
     assert ((8, 1, 12), (12, 16)) in shapes and ((8, 1, 16), (16, 6)) in shapes
     assert sum(e.params["dimension_numbers"][1] == ((), ()) for e in dots) == 2
-
-
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("slot", [0, 3], ids=["base", "slot3"])
-def test_uniform_batch_runs_one_slot_unbatched(mlp_bank, slot, jit):
-    """A batch whose ids are all equal takes the branch that gathers the slot once."""
-    params, frozen, adapters, bank = mlp_bank
-    x = jax.random.normal(jax.random.key(9), (5, 12))
-    ids = jnp.full((5,), slot, jnp.int32)
-    run = lambda bank, ids, x: lj.lora_apply(mlp)(frozen, bank, x, adapter_ids=ids)
-    out = (jax.jit(run) if jit else run)(bank, ids, x)
-    ref = numpy_mlp(params, adapters[slot - 1] if slot else None, x)
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)  # float32 vs float64
-    _, uniform = next(
-        e for e in jax.make_jaxpr(run)(bank, ids, x).jaxpr.eqns if e.primitive.name == "cond"
-    ).params["branches"]
-    dots = [e for e in uniform.jaxpr.eqns if e.primitive.name == "dot_general"]
-    assert all(e.params["dimension_numbers"][1] == ((), ()) for e in dots)  # no batched rank-r
-
-
-def test_batch_reducing_function_keeps_per_example_outputs(mlp_bank):
-    """A function that reduces over its batch gets the per-example (vmapped) semantics only."""
-    params, frozen, adapters, bank = mlp_bank
-    x = jax.random.normal(jax.random.key(11), (4, 12))
-    ids = jnp.full((4,), 2, jnp.int32)
-    out = lj.lora_apply(lambda p, x: mlp(p, x).sum())(frozen, bank, x, adapter_ids=ids)
-    assert out.shape == (4,)  # one sum per example, as for mixed ids
-    ref = numpy_mlp(params, adapters[1], x).sum(-1)
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
 
 
 def test_slot_zero_is_the_base_exactly(mlp_bank):
@@ -282,9 +251,7 @@ def test_adapter_set_names_switching_and_disabled():
     assert adapters.names() == ["c", "b"]
     close(f(x, adapter="c"), t1)
     close(mlp(lj.merge(frozen, adapters.trainable("c")), x), t1)
-    # One trace for a scalar slot; per-example slots trace both branches of the run-time
-    # choice between "all ids equal" (one slot for the batch) and mixed ids, once.
-    assert len(calls) == 3
+    assert len(calls) == 2  # one trace for a scalar slot, one for per-example slots
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])

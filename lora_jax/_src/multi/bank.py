@@ -342,9 +342,7 @@ def apply_bank(
 
     Ids outside ``0..slots-1`` raise when they are concrete; traced ids (under ``jit``)
     that fall outside give that example NaN outputs (:func:`take_slot`), never another
-    slot's adapter. When every id of the batch is the same (checked at run time), the slot
-    is selected once and ``apply`` runs on the whole batch instead, as with a scalar id
-    (see :func:`_uniform_or_mixed`).
+    slot's adapter.
     """
     if not isinstance(bank, AdapterBank):
         raise TypeError(
@@ -405,31 +403,4 @@ def apply_bank(
         out = apply(frozen, bank.select(idx), *full, **kw)
         return jax.tree.map(lambda y: y[0] if y.ndim and y.shape[0] == 1 else y, out)
 
-    def mixed():
-        return jax.vmap(one, in_axes=(0, [axes[i] for i in batched]))(ids, dyn)
-
-    return _uniform_or_mixed(lambda: apply(frozen, bank.select(ids[0]), *args, **kw), mixed, ids)
-
-
-def _uniform_or_mixed(uniform: Callable, mixed: Callable, ids: jax.Array) -> Any:
-    """``uniform()`` when every id equals ``ids[0]`` (decided at run time), else ``mixed()``.
-
-    The uniform branch gathers the slot's factors once for the whole batch and runs the
-    plain factored path: no per-example factors and no batched rank-r matmuls, so a batch
-    served by one adapter costs what ``lora_apply`` with that adapter costs. It is used only
-    where both branches give the same output shapes and dtypes (a function that reduces over
-    the batch, e.g. a mean loss, has per-example outputs under ``vmap``); otherwise ``mixed``.
-    Like the per-example path, it assumes examples do not interact inside ``apply``.
-    """
-    if ids.shape[0] == 0:
-        return mixed()
-    try:  # traces each branch once
-        return jax.lax.cond(jnp.all(ids == ids[0]), uniform, mixed)
-    except TypeError:  # lax.cond rejects branches whose outputs differ: is that the cause?
-        types = lambda out: [(x.shape, x.dtype) for x in jax.tree.leaves(out)]  # noqa: E731
-        shapes = jax.eval_shape(mixed), jax.eval_shape(uniform)
-        if jax.tree.structure(shapes[0]) == jax.tree.structure(shapes[1]) and types(
-            shapes[0]
-        ) == types(shapes[1]):
-            raise
-        return mixed()
+    return jax.vmap(one, in_axes=(0, [axes[i] for i in batched]))(ids, dyn)
