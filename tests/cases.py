@@ -100,7 +100,9 @@ CASES = [
         lambda k: {"kernel": _normal(k, (3, 3, 4, 5))},
         _conv,
         (lj.LoraRule("kernel", rank=2, in_axes=(0, 1, 2)),),
-        lambda k: (_normal(k, (2, 6, 6, 4)),),
+        # Scaled so the adapted layer is not saturated: |tanh| > 0.999 for 0% of outputs
+        # (63% before), 88% below 0.9.
+        lambda k: (0.1 * _normal(k, (2, 6, 6, 4)),),
     ),
     Case(
         "dense_general",

@@ -114,7 +114,7 @@ def main() -> int:
     ap.add_argument("--only", default="", help="run mutants whose name contains this")
     ap.add_argument("--baseline", action="store_true", help="check selections pass unmutated")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per mutant")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant")
     args = ap.parse_args()
     mutants = [m for m in load(args.list) if args.only in m["name"]]
     start = time.monotonic()
