@@ -85,6 +85,19 @@ def test_split_without_apply_fn_warns_once_per_call():
     assert len([w for w in rec if w.category is lj.LoraLayoutWarning]) == 1
 
 
+def test_flax_named_kernels_do_not_warn():
+    """Flax's ``kernel`` / ``embedding`` names carry their layout; other 2-D names still warn."""
+    import warnings
+
+    params = {"dense": {"kernel": jnp.ones((4, 4))}, "nnx": {"kernel": {"value": jnp.ones((4, 4))}}}
+    params["embed"] = {"embedding": jnp.ones((8, 4))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lj.LoraLayoutWarning)
+        lj.split(params, lj.LoraRule(".*(kernel|embedding).*", rank=1), key=KEY)
+    with pytest.warns(lj.LoraLayoutWarning, match=r"1 2-D weight\(s\) 'dense/weight'"):
+        lj.split({"dense": {"weight": jnp.ones((4, 4))}}, lj.LoraRule(".*weight", rank=1), key=KEY)
+
+
 def test_summary_marks_a_fused_kernel():
     params = {"kv": jnp.ones((2, 3, 16, 8)), "q": jnp.ones((3, 16, 8))}
     x = jnp.ones((1, 5, 16))

@@ -136,7 +136,21 @@ def make_factors(w: Any, rule: LoraRule, ctx: _variant.InitContext) -> tuple[Lor
 
 
 class LoraLayoutWarning(UserWarning):
-    """``split`` assumed the ``(in, out)`` layout of a 2-D weight (no ``apply_fn=`` to read it)."""
+    """``split`` assumed the ``(in, out)`` layout of a 2-D weight (no ``apply_fn=`` to read it).
+
+    Flax's own names carry their layout, so leaves named ``kernel`` (``(in, out)``) or
+    ``embedding`` (``(vocab, dim)``), NNX's ``.../kernel/value`` included, never warn.
+    """
+
+
+_FLAX_NAMES = ("kernel", "embedding")  # Flax's names for (in, out) kernels and (vocab, dim) tables
+
+
+def _flax_named(path: str) -> bool:
+    parts = path.split("/")
+    if parts[-1] == "value" and len(parts) > 1:  # an NNX state's Variable
+        parts = parts[:-1]
+    return parts[-1] in _FLAX_NAMES
 
 
 def _infer(
@@ -173,7 +187,7 @@ def _infer(
         for p in two_d:  # a batched first use (no single in and out axis) says nothing here
             if p in inferred and (inferred[p][0] or len(inferred[p][1]) != 1):
                 del inferred[p]
-    assumed = [p for p in wanted if p not in inferred and ndim[p] == 2]
+    assumed = [p for p in wanted if p not in inferred and ndim[p] == 2 and not _flax_named(p)]
     if assumed:
         shown = ", ".join(repr(p) for p in assumed[:4]) + (", ..." if len(assumed) > 4 else "")
         why = "apply_fn never contracts them" if apply_fn is not None else "no apply_fn= was given"
