@@ -256,7 +256,9 @@ def test_lora_apply_tensor_parallel_never_gathers_weights(layout):
     device = jax.devices()[0]
     merged = jax.device_put(lj.merge(frozen, trainable), device)
     dense = jax.jit(lambda p, x: ss.forward(p, x, cfg))(merged, jax.device_put(tokens, device))
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(dense), atol=1e-4)
+    # float32 on both sides; the 16-way sharded reductions sum in another order than the one-device
+    # merged run (max difference 2.2e-4 measured on this machine's CPU for fsdp_tp), so 5e-4.
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(dense), rtol=1e-4, atol=5e-4)
 
 
 # expected (a, b) specs of layer_0's q (column-parallel) and o (row-parallel) factors
