@@ -13,6 +13,8 @@ from jupyter_core.utils import run_sync
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parents[2] / "notebooks").glob("*.ipynb"))
 TIME_LIMIT_S = 60
+# llm.ipynb loads and NF4-quantises the real 135M-parameter SmolLM2, then trains and samples it.
+LIMITS_S = {"llm": 150}
 
 
 def test_notebooks_found():
@@ -32,7 +34,7 @@ def test_notebook_is_stripped(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path):
-    """Runs without error in under TIME_LIMIT_S of wall or kernel CPU time.
+    """Runs without error in under TIME_LIMIT_S (LIMITS_S for named ones) of wall or kernel CPU time.
 
     Wall time inflates on a loaded machine and CPU time counts every thread on an idle one,
     so the smaller of the two is held to the limit.
@@ -40,7 +42,7 @@ def test_notebook_runs(path):
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         nb,
-        timeout=2 * TIME_LIMIT_S,  # per cell
+        timeout=2 * LIMITS_S.get(path.stem, TIME_LIMIT_S),  # per cell
         # ipykernel's spec runs "python", which jupyter_client replaces by sys.executable.
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
@@ -55,8 +57,8 @@ def test_notebook_runs(path):
             run_sync(client.km.shutdown_kernel)(now=True)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, errors
-    used = min(elapsed, cpu.user + cpu.system)
-    assert used < TIME_LIMIT_S, (
+    used, limit = min(elapsed, cpu.user + cpu.system), LIMITS_S.get(path.stem, TIME_LIMIT_S)
+    assert used < limit, (
         f"{path.name} took {elapsed:.0f} s wall, {cpu.user + cpu.system:.0f} s kernel CPU "
-        f"(limit {TIME_LIMIT_S} s): use smaller settings"
+        f"(limit {limit} s): use smaller settings"
     )
