@@ -34,7 +34,7 @@ def test_notebook_is_stripped(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path):
-    """Runs without error in under TIME_LIMIT_S (LIMITS_S for named ones) of wall or kernel CPU time.
+    """Runs without error within TIME_LIMIT_S (LIMITS_S if named) of wall or kernel CPU time.
 
     Wall time inflates on a loaded machine and CPU time counts every thread on an idle one,
     so the smaller of the two is held to the limit.
