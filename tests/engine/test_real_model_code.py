@@ -401,7 +401,7 @@ def test_while_loop_dropout_is_fresh_per_iteration():
 
         return lax.while_loop(lambda s: s[0] < 3, body, (0, jnp.zeros((3, *x.shape))))[1]
 
-    out = lj.lora_apply(fn)(frozen, trainable, _n(52, (4, D)), rng=jax.random.key(9))
+    out = lj.lora_apply(fn)(frozen, trainable, _n(52, (4, D)), lora_rng=jax.random.key(9))
     assert not np.allclose(out[0], out[1]) and not np.allclose(out[1], out[2])
 
 
