@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 import lora_jax as lj
-from lora_jax.models import KeyEntry, KeyMap, bert, llama
+from lora_jax.models import KeyEntry, KeyMap, _gguf, bert, llama
 
 BERT_CFG = bert.BertConfig(
     vocab_size=32,
@@ -103,8 +103,8 @@ def write_gguf(path: pathlib.Path, arch: str = "llama") -> pathlib.Path:
     params = llama.init(jax.random.key(0), LLAMA_CFG)
     entries = [e for e in llama.PEFT_KEY_MAP.entries if e.path != "lm_head/kernel"]
     tensors = _torch_tensors(params, entries, 2)
-    names = {v: k for k, v in llama._GGUF_NAMES.items()}
-    blocks = {v: k for k, v in llama._GGUF_BLOCK.items()}
+    names = {v: k for k, v in _gguf.GGUF_NAMES.items()}
+    blocks = {v: k for k, v in _gguf.GGUF_BLOCK.items()}
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(2)
     w.add_embedding_length(16)
