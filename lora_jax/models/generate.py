@@ -285,7 +285,7 @@ def generate(
         >>> import jax, jax.numpy as jnp
         >>> from lora_jax.models import llama
         >>> from lora_jax.models.generate import generate
-        >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        >>> cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
         ...                         num_hidden_layers=2, num_attention_heads=4,
         ...                         num_key_value_heads=2)
         >>> params = llama.init(jax.random.key(0), cfg)

@@ -205,8 +205,13 @@ class Variant:
     def peft_check_config(self, config: dict, path: str) -> None:
         """Validate a read ``adapter_config.json`` of one of :attr:`peft_types`."""
 
-    def peft_read(self, tensors, consumed, config, key_prefix, path, w_shape, layer) -> Any:
-        """One torch module's arrays (keys ``key_prefix + suffix``), or None if not adapted."""
+    def peft_read(
+        self, tensors, consumed, config, key_prefix, path, w_shape, layer, out_in=False
+    ) -> Any:
+        """One torch module's arrays (keys ``key_prefix + suffix``), or None if not adapted.
+
+        ``out_in``: the base weight is stored ``(out, in)`` (key map layout ``linear_out_in``).
+        """
         raise NotImplementedError
 
     def peft_assemble(self, found: list, stacked: bool, shape: tuple, config: dict, path: str):

@@ -354,8 +354,10 @@ def load_pretrained(directory: str | os.PathLike, frozen: Any, *, key_map: KeyMa
     own = _variant.for_peft_type(config.get("peft_type"))
     if own is not None:  # a variant with its own PEFT tuner reads its keys (VeRA)
 
-        def read(tensors, consumed, config, module, *rest):
-            return own.peft_read(tensors, consumed, config, f"{ROOT}{module}.", *rest)
+        def read(tensors, consumed, config, module, *rest, out_in=False):
+            return own.peft_read(
+                tensors, consumed, config, f"{ROOT}{module}.", *rest, out_in=out_in
+            )
 
         build = own.peft_assemble
     consumed: set[str] = set()

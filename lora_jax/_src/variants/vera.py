@@ -294,11 +294,17 @@ class VeraVariant(_variant.Variant):
         if not (isinstance(drop, int | float) and 0 <= drop < 1):
             raise ValueError(f"{path}: vera_dropout={drop!r} must be a number in [0, 1).")
 
-    def peft_read(self, tensors, consumed, config, key_prefix, path, w_shape, layer):
+    def peft_read(self, tensors, consumed, config, key_prefix, path, w_shape, layer, out_in=False):
         """One torch module's VeRA arrays (with the shared projections), or None."""
         kd, kb = key_prefix + "vera_lambda_d", key_prefix + "vera_lambda_b"
         if kd not in tensors:
             return None
+        if out_in:
+            raise ValueError(
+                f"'{path}': VeRA adapters load into (in, out) kernels only, and the key map "
+                f"stores this weight (out, in) (layout 'linear_out_in', as Equinox does); load "
+                f"the model with (in, out) kernels (a Flax model) or use a LoRA adapter."
+            )
         missing = [k for k in (kb, *SHARED) if k not in tensors]
         if missing:
             raise ValueError(f"VeRA adapter has '{kd}' but no {missing}; the file is incomplete.")
