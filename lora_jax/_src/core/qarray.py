@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 
+from lora_jax._src.core.explicit import rows_like, typed_like
 from lora_jax._src.core.nbytes import tree_bytes
 
 
@@ -30,9 +31,27 @@ class QuantizedArray:
     def ndim(self) -> int:
         return len(self.shape)
 
-    def dequantize(self, dtype=None) -> jax.Array:
-        """The dense weight, shape ``self.shape``, in ``dtype`` (default ``self.dtype``)."""
+    @property
+    def codes_array(self) -> jax.Array:
+        """The packed codes ``(*batch, ...)``: the field every shard layout follows."""
         raise NotImplementedError
+
+    def decode(self, dtype) -> jax.Array:
+        """The dense weight in ``dtype``, computed from the fields."""
+        raise NotImplementedError
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        """The dense weight, shape ``self.shape``, in ``dtype`` (default ``self.dtype``).
+
+        On a mesh with Explicit axes it is sharded as the codes: batch axes as theirs, the
+        first inner axis as their flat axis (whole rows per shard).
+        """
+        dtype = self.dtype if dtype is None else dtype
+        dense = rows_like(self.codes_array, len(self.shape))
+        if dense is None:
+            return self.decode(dtype)
+        aval = jax.ShapeDtypeStruct(self.shape, dtype, sharding=dense)
+        return typed_like(lambda q: q.decode(dtype), aval)(self)
 
     def quantize_like(self, x: jax.Array) -> QuantizedArray:
         """Quantise a dense ``x`` of this array's shape with the same format and settings."""

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
+from lora_jax._src.core.explicit import typed_like
 from lora_jax._src.engine import blocks, control
 from lora_jax._src.engine import implicit as im
 from lora_jax._src.engine import jax_compat as jc
@@ -218,15 +219,19 @@ def _dot(eqn: Any, p: jc.Dot, invals: Sequence[Any], ctx: Context) -> list[Any]:
         out = out + im.broadcast_col(w.shift, w.shift_axes, ws, letters).astype(out.dtype)
     if not w.has_factors:
         return [out]
-    low = lr.lowrank_dot(
-        x,
-        w,
-        x_is_lhs,
-        p.dimension_numbers,
-        p.preferred_element_type,
-        p.precision,
-        ctx.next_key(),
-    )
+    key = ctx.next_key()
+    low = typed_like(
+        lambda x, a, b: lr.lowrank_dot(
+            x,
+            dataclasses.replace(w, a=a, b=b),
+            x_is_lhs,
+            p.dimension_numbers,
+            p.preferred_element_type,
+            p.precision,
+            key,
+        ),
+        eqn.outvars[0].aval,
+    )(x, w.a, w.b)
     return [out + low.astype(out.dtype)]
 
 

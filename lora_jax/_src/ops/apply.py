@@ -26,6 +26,19 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
+def _abstract(x: Adapted) -> jax.ShapeDtypeStruct:
+    """The type ``fn`` is traced with for one adapted weight: shape, dtype and sharding.
+
+    The sharding is the one ``jax.jit`` would give the dense weight, so that on a mesh with
+    Explicit axes (``jax.make_mesh``'s default) the traced program's types match the values
+    the engine later computes from the base and the factors.
+    """
+    base = x.base.value if isinstance(x.base, Deferred) else x.base
+    dense = jax.eval_shape(base) if callable(base) else jax.typeof(base)
+    sharding = dense.sharding if tuple(dense.shape) == tuple(x.shape) else None
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
 def _implicit(path: str, w: Any, t: Any, frozen_at: Callable[[str], Any]) -> Any:
     """The engine's input for one parameter leaf: its variants' terms, kept implicit."""
     quantised = isinstance(w, QuantizedArray)
@@ -154,9 +167,7 @@ def lora_apply(
             return call(jax.tree.unflatten(treedef, params), a, k)
 
         inputs = [params_leaves[i] for i in traced_params]
-        abstract = [
-            jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, Adapted) else x for x in inputs
-        ]
+        abstract = [_abstract(x) if isinstance(x, Adapted) else x for x in inputs]
         closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(
             abstract, [dyn_leaves[i] for i in dynamic]
         )

@@ -102,12 +102,16 @@ class Int4Array(QuantizedArray):
         stack = len(self.shape) - len(self.inner_shape)
         return quantize_int4(x, block_size=self.block_size, stack_axes=stack)
 
-    def dequantize(self, dtype=None) -> jax.Array:
-        """The dense weight ``(*batch, *inner_shape)`` in ``dtype`` (default ``self.dtype``)."""
+    @property
+    def codes_array(self) -> jax.Array:
+        return self.codes
+
+    def decode(self, dtype) -> jax.Array:
+        """The dense weight ``(*batch, *inner_shape)`` in ``dtype``."""
         n = self.codes.shape[-1]
         values = to_blocks(self.codes.astype(jnp.float32), self.block_size)
         flat = (values * self.scale[..., None]).reshape(*self.codes.shape[:-1], -1)[..., :n]
-        return flat.reshape(self.shape).astype(self.dtype if dtype is None else dtype)
+        return flat.reshape(self.shape).astype(dtype)
 
 
 def quantize_int4(x: jax.Array, *, block_size: int = 64, stack_axes: int = 0) -> Int4Array:

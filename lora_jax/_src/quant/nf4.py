@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src.core.explicit import explicit_axes
 from lora_jax._src.core.qarray import QuantizedArray
 
 # The 16 NF4 values (index = code), as bitsandbytes stores them (float32).
@@ -143,6 +144,15 @@ def check_quantize_args(x: Any, block_size: int, stack_axes: int, fn: str) -> tu
         )
     if math.prod(shape[stack_axes:]) == 0:
         raise ValueError(f"{fn}: x of shape {shape} has no elements per matrix to quantise.")
+    if isinstance(x, jax.Array) and explicit_axes(jax.typeof(x)):
+        spec = tuple(jax.typeof(x).sharding.spec)
+        if any(e is not None for e in spec[stack_axes:]):
+            raise ValueError(
+                f"{fn}: x of shape {shape} is sharded {jax.typeof(x).sharding.spec} over "
+                f"Explicit mesh axes inside the matrix, which the flat codes cannot follow; "
+                f"quantise the unsharded (or only stack-sharded) weight, then place it with "
+                f"jax.device_put(q, lj.nf4_shardings(q, sharding))."
+            )
     return shape[stack_axes:]
 
 
@@ -372,11 +382,15 @@ class NF4Array(QuantizedArray):
             stack_axes=len(self.shape) - len(self.inner_shape),
         )
 
-    def dequantize(self, dtype=None) -> jax.Array:
-        """The dense weight ``(*batch, *inner_shape)`` in ``dtype`` (default ``self.dtype``)."""
+    @property
+    def codes_array(self) -> jax.Array:
+        return self.packed
+
+    def decode(self, dtype) -> jax.Array:
+        """The dense weight ``(*batch, *inner_shape)`` in ``dtype``."""
         n = math.prod(self.inner_shape)
         flat = nf4_decode(self.packed, self.block_absmax(), n, self.block_size)
-        return flat.reshape(self.shape).astype(self.dtype if dtype is None else dtype)
+        return flat.reshape(self.shape).astype(dtype)
 
 
 def quantize_nf4(
