@@ -24,8 +24,8 @@ demo: $(STAMP)
 	$(BIN)/python experiments/demo.py $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check lora_jax tests experiments docs/griffe_examples.py
-	$(BIN)/ruff format --check lora_jax tests experiments docs/griffe_examples.py
+	$(BIN)/ruff check lora_jax tests experiments tools docs/griffe_examples.py
+	$(BIN)/ruff format --check lora_jax tests experiments tools docs/griffe_examples.py
 
 # The documentation site, built with warnings as errors; the HTML goes to build/site (ignored).
 docs: $(STAMP)

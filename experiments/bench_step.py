@@ -11,7 +11,7 @@ are stepped in turn inside one process and the medians compared:
   lora_bf16    factored, bf16 base (float32 factors)
   qlora        factored, NF4 base (double-quantised, dequantised per layer at its use)
 
-Peak memory is measured in a fresh subprocess per configuration (ru_maxrss).
+Memory is measured in a fresh subprocess per configuration (VmRSS after 3 steps).
 
     python experiments/bench_step.py            # full workload, writes RESULTS.md
     python experiments/bench_step.py --smoke    # tiny, for the tests

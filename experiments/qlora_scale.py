@@ -6,7 +6,7 @@ script (1) writes a Llama-shaped checkpoint of random bf16 weights, one safetens
 shard per layer (``--size 13b``: 13.0B parameters, about 26 GB of disk); (2) in a fresh
 process, loads it with quantise-while-loading and runs a few LoRA steps (r=16 on every
 linear layer, short sequences, ``jax.checkpoint`` per block), recording peak RSS
-(``ru_maxrss``), RSS after loading, the step time and ``lj.memory_report``; (3) deletes
+(``VmHWM``), RSS after loading, the step time and ``lj.memory_report``; (3) deletes
 the checkpoint (unless ``--keep``).
 
     python experiments/qlora_scale.py --size 13b     # RESULTS.md; needs ~12 GiB free RAM
@@ -117,6 +117,13 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss_bytes() -> int:
+    """This address space's peak RSS (``VmHWM``); ``ru_maxrss`` would include the parent's
+    peak, which Linux carries into a child across fork + exec."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def train(folder: str, steps: int, seq: int) -> dict:
     """Run in a fresh process: load with quantise-while-loading, then a few LoRA steps."""
     import jax
@@ -133,7 +140,7 @@ def train(folder: str, steps: int, seq: int) -> dict:
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     rss_loaded = rss_bytes()
-    peak_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_loaded = peak_rss_bytes()
     frozen, trainable = lj.split(params, rules, key=jax.random.key(0))
     del params
     opt = optax.adamw(1e-4)
@@ -166,7 +173,7 @@ def train(folder: str, steps: int, seq: int) -> dict:
         cpu.append(time.process_time() - c0)
     return dict(
         rss_start=rss_start, rss_loaded=rss_loaded, peak_loaded=peak_loaded,
-        peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak=peak_rss_bytes(),
         load_s=load_s, step_s=times, cpu_s=cpu, losses=losses, report=str(report),
         report_total=report.total_bytes, frozen_bytes=report.frozen_bytes,
     )  # fmt: skip

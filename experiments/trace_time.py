@@ -7,6 +7,7 @@ ratio, the equation counts of both programs and the engine's Python time per ada
 
     python experiments/trace_time.py            # 32 layers (7B shapes), 5 repeats
     python experiments/trace_time.py --smoke    # 2 layers, small shapes, 2 repeats
+    python experiments/trace_time.py --layers 8 # 7B shapes, fewer layers (quicker)
 """
 
 from __future__ import annotations
@@ -21,19 +22,20 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 import lora_jax as lj
+from lora_jax.models import _llama_blocks as blocks
 from lora_jax.models import llama
 
 TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
 
 
-def _config(smoke: bool) -> llama.LlamaConfig:
+def _config(smoke: bool, layers: int) -> llama.LlamaConfig:
     if smoke:
         return llama.LlamaConfig(
             vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4,
         )  # fmt: skip
     return llama.LlamaConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
         num_attention_heads=32, num_key_value_heads=32,
     )  # fmt: skip
 
@@ -51,18 +53,14 @@ def _loss(cfg: llama.LlamaConfig):
     def loss(params, ids):
         b, s = ids.shape
         h = jnp.take(params["embed_tokens"]["embedding"], ids, axis=0).reshape(b * s, -1)
-        hd = cfg.head_dim
-        angles = jnp.arange(s, dtype=jnp.float32)[:, None] / (
-            cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
-        )
-        angles = jnp.concatenate([angles, angles], -1)
-        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        cos, sin = blocks.rope_tables(cfg, jnp.arange(s))
         visible = jnp.tril(jnp.ones((s, s), bool))[None]
         bias = jnp.broadcast_to(
             jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min)[:, None, None], (b, 1, 1, s, s)
         )
         for p in params["layers"]:  # unrolled: one traced copy per layer
-            h = llama._layer(h, p, cos, sin, bias, cfg)
+            q, k, v = blocks.attention_qkv(h, p, cos, sin, cfg, b)
+            h = blocks.layer_output(h, blocks.attend(q, k, v, bias), p, cfg)
         logits = h @ params["lm_head"]["kernel"]
         return jnp.mean(logits.astype(jnp.float32) ** 2)
 
@@ -82,9 +80,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=32, help="unrolled layers (7B has 32)")
     args = ap.parse_args()
     os.sched_setaffinity(0, {1})
-    cfg = _config(args.smoke)
+    cfg = _config(args.smoke, args.layers)
     repeats = args.repeats or (2 if args.smoke else 5)
     params = _unrolled_params(cfg)
     rules = [lj.LoraRule(TARGETS, rank=16)]

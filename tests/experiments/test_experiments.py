@@ -178,3 +178,13 @@ def test_causal_lm_smoke():
 def test_windows_are_non_overlapping():
     w = causal_lm.windows(np.arange(23), 5)
     np.testing.assert_array_equal(w, np.arange(20).reshape(4, 5))
+
+
+def test_trace_time_smoke():
+    out = run_smoke("trace_time.py")
+    line = lambda prefix: next(s for s in out.splitlines() if s.startswith(prefix))  # noqa: E731
+    plain_eqns = numbers(line("plain trace:"))[-1]
+    lora_eqns = numbers(line("lora_apply trace:"))[-1]
+    # 14 adapted uses (7 per layer, 2 layers), each adding the rank-r products to the program
+    assert plain_eqns + 14 * 2 <= lora_eqns <= 2 * plain_eqns
+    assert numbers(line("ratio:"))[0] > 0

@@ -220,8 +220,8 @@ def _dot(eqn: Any, p: jc.Dot, invals: Sequence[Any], ctx: Context) -> list[Any]:
     if not w.has_factors:
         return [out]
     key = ctx.next_key()
-    low = typed_like(
-        lambda x, a, b: lr.lowrank_dot(
+    summed = typed_like(
+        lambda x, a, b, out: lr.lowrank_dot(
             x,
             dataclasses.replace(w, a=a, b=b),
             x_is_lhs,
@@ -229,10 +229,11 @@ def _dot(eqn: Any, p: jc.Dot, invals: Sequence[Any], ctx: Context) -> list[Any]:
             p.preferred_element_type,
             p.precision,
             key,
+            add_to=out,
         ),
         eqn.outvars[0].aval,
-    )(x, w.a, w.b)
-    return [out + low.astype(out.dtype)]
+    )(x, w.a, w.b, out)
+    return [summed]
 
 
 def _conv(eqn: Any, op: jc.Conv, invals: Sequence[Any], ctx: Context) -> list[Any]:

@@ -7,6 +7,7 @@ is one ``dot_general`` of operands flattened to 2-D/3-D (:func:`contract`).
 
 from __future__ import annotations
 
+import functools
 import string
 
 import jax
@@ -71,24 +72,42 @@ def dot_letters(x_ndim: int, w_ndim: int, x_is_lhs: bool, dn) -> tuple[str, str,
 
 
 def lowrank_dot(
-    x: jax.Array, v: Adapted, x_is_lhs: bool, dn, out_dtype, precision, rng
+    x: jax.Array, v: Adapted, x_is_lhs: bool, dn, out_dtype, precision, rng, add_to=None
 ) -> jax.Array:
-    """The low-rank term of ``dot_general(x, W)``: ``scale * ((drop(x) . f1) . f2)``."""
+    """The low-rank term of ``dot_general(x, W)``: ``scale * ((drop(x) . f1) . f2)``.
+
+    ``add_to`` (the base product ``x . W0``), if given, is returned plus the term, in its dtype.
+    """
     xs, ws, out = dot_letters(x.ndim, len(v.shape), x_is_lhs, dn)
     sa, sb = factor_specs(v, ws)
-    compute = x.dtype
-    a, b = v.a.astype(compute), v.b.astype(compute)
     size = dict(zip(xs, x.shape))
     shared = lambda s: int(np.prod([size[c] for c in s if c in xs]))
-    (f1, s1), (f2, s2) = ((a, sa), (b, sb)) if shared(sa) >= shared(sb) else ((b, sb), (a, sa))
+    first, second = (v.a, sa), (v.b, sb)
+    (f1, s1), (f2, s2) = (first, second) if shared(sa) >= shared(sb) else (second, first)
     if rng is not None and v.dropout > 0:
         keep = jax.random.bernoulli(rng, 1.0 - v.dropout, x.shape)
         x = jnp.where(keep, x / jnp.asarray(1.0 - v.dropout, x.dtype), jnp.zeros((), x.dtype))
-    kw = dict(precision=precision, preferred_element_type=out_dtype)
     t_spec = "".join(dict.fromkeys(c for c in xs + s1 if c in out or c in s2))
-    t = contract(x, xs, f1, s1, t_spec, **kw)
-    t = t * jnp.asarray(v.scale, t.dtype)
-    return contract(t, t_spec, f2.astype(t.dtype), s2, out, **kw)
+    specs = (xs, s1, t_spec, s2, out)
+    return _two_products(
+        x, f1, f2, v.scale, add_to, specs=specs, precision=precision, dtype=out_dtype
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("specs", "precision", "dtype"))
+def _two_products(x, f1, f2, scale, add_to, *, specs, precision, dtype):
+    """``add_to + scale * ((x . f1) . f2)`` for the einsum ``specs`` ``(xs, s1, t, s2, out)``.
+
+    The factors are cast to ``x``'s dtype first. One ``jit`` per use shape: the same
+    projection in every layer is traced and linearised once (``jax.grad`` caches a jit's
+    linearisation) instead of op by op in each layer; XLA inlines the call.
+    """
+    xs, s1, t_spec, s2, out = specs
+    kw = dict(precision=precision, preferred_element_type=dtype)
+    t = contract(x, xs, f1.astype(x.dtype), s1, t_spec, **kw)
+    t = t * jnp.asarray(scale, t.dtype)
+    low = contract(t, t_spec, f2.astype(x.dtype).astype(t.dtype), s2, out, **kw)
+    return low if add_to is None else add_to + low.astype(add_to.dtype)
 
 
 def lowrank_conv(x: jax.Array, v: Adapted, params: dict, rng) -> jax.Array:
