@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from lora_jax._src.core import variant as _variant
+from lora_jax._src.core.explicit import explicit_axes
 from lora_jax._src.core.factors import LoraFactors
 from lora_jax._src.core.qarray import QuantizedArray
 from lora_jax._src.core.trees import check_pair, is_node, is_weight, leaves_with_paths
@@ -33,8 +34,12 @@ def _abstract(x: Adapted) -> jax.ShapeDtypeStruct:
     Explicit axes (``jax.make_mesh``'s default) the traced program's types match the values
     the engine later computes from the base and the factors.
     """
-    base = x.base.value if isinstance(x.base, Deferred) else x.base
-    dense = jax.eval_shape(base) if callable(base) else jax.typeof(base)
+    if isinstance(x.base, Deferred):  # the dequantised type, traced only where it matters
+        if not explicit_axes(jax.typeof(x.base.q.codes_array)):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype)
+        dense = jax.eval_shape(x.base.value)
+    else:
+        dense = jax.typeof(x.base)
     sharding = dense.sharding if tuple(dense.shape) == tuple(x.shape) else None
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
