@@ -31,8 +31,9 @@ lint: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
 
+# Two pytest workers (pytest-xdist), one per core of a 2-core CI machine.
 test: $(STAMP) lint docs
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # Curated must-fail mutants (tools/mutants.toml), each against only the tests that catch it.
 mutants: $(STAMP)
