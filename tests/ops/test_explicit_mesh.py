@@ -34,13 +34,17 @@ def _params():
     }
 
 
-def _mlp(quantised):
+def _mlp(quantised, seen=None):
     """A tensor-parallel MLP written for Explicit axes: a product over a sharded axis names
-    its output. LoRA: ``x @ W1`` is column-parallel, ``(data, model)`` by itself."""
+    its output. LoRA: ``x @ W1`` is column-parallel, ``(data, model)`` by itself.
+
+    ``seen`` collects the hidden activation's type as ``fn`` is traced."""
 
     def mlp(p, x):
         first = P("data", None) if quantised else None
         h = jax.nn.relu(jnp.dot(x, p["l1"]["kernel"], out_sharding=first))
+        if seen is not None:
+            seen.append(jax.typeof(h).sharding.spec)
         return jnp.dot(h, p["l2"]["kernel"], out_sharding=P("data", None))
 
     return mlp
@@ -99,7 +103,9 @@ def test_training_step_matches_float64_and_keeps_every_type(mesh, quantised, jit
             jnp.asarray(np.random.default_rng(2).standard_normal((8, 64)), jnp.float32),
             NamedSharding(mesh, P("data", None)),
         )
-        loss = lambda t, x: jnp.mean(lj.lora_apply(_mlp(quantised), strict=True)(frozen, t, x) ** 2)  # noqa: E731
+        seen = []
+        mlp = _mlp(quantised, seen)
+        loss = lambda t, x: jnp.mean(lj.lora_apply(mlp, strict=True)(frozen, t, x) ** 2)  # noqa: E731
         grad = jax.jit(jax.value_and_grad(loss)) if jit else jax.value_and_grad(loss)
         value, grads = grad(trainable, x)
         opt = optax.sgd(0.1)
@@ -120,6 +126,9 @@ def test_training_step_matches_float64_and_keeps_every_type(mesh, quantised, jit
             assert jax.typeof(got).sharding.spec == jax.typeof(like).sharding.spec
     for k in raw:
         assert jax.typeof(moved[k]["kernel"].b).sharding == jax.typeof(factors[k][1]).sharding
+    # fn saw the dense weight's type: the column-parallel activation stays sharded over
+    # 'model' (traced without the base's sharding it would be gathered to (data, None))
+    assert set(seen) == {P("data", None) if quantised else P("data", "model")}
     if not quantised:  # the column-parallel factor stays sharded, never gathered
         assert trainable["l1"]["kernel"].b.sharding.spec == P(None, "model")
         assert grads["l1"]["kernel"].b.sharding.spec == P(None, "model")
