@@ -25,6 +25,15 @@ def explicit_axes(aval: Any) -> tuple[str, ...]:
     return tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
 
 
+def explicit_spec(x: Any) -> tuple | None:
+    """One PartitionSpec entry per axis of ``x``'s type, or None off an Explicit-axis mesh."""
+    aval = jax.typeof(x)
+    if not explicit_axes(aval):
+        return None
+    spec = tuple(aval.sharding.spec)
+    return spec + (None,) * (aval.ndim - len(spec))
+
+
 def typed_like(f: Callable[..., jax.Array], aval: Any) -> Callable[..., jax.Array]:
     """``f`` with its result sharded as ``aval``; inside, the Explicit axes are Auto."""
     axes = explicit_axes(aval)
@@ -39,9 +48,8 @@ def rows_like(codes: Any, ndim: int) -> Any:
     Batch axes keep their entries and the flat axis's entry goes to the first inner axis
     (a shard of whole rows; see ``nf4_shardings``). None off an Explicit-axis mesh.
     """
-    aval = jax.typeof(codes)
-    if not explicit_axes(aval):
+    spec = explicit_spec(codes)
+    if spec is None:
         return None
-    spec = tuple(aval.sharding.spec) + (None,) * (aval.ndim - len(aval.sharding.spec))
     dense = spec + (None,) * (ndim - len(spec))
-    return NamedSharding(aval.sharding.mesh, PartitionSpec(*dense))
+    return NamedSharding(jax.typeof(codes).sharding.mesh, PartitionSpec(*dense))

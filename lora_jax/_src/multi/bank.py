@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from lora_jax._src.core.explicit import explicit_axes
+from lora_jax._src.core.explicit import explicit_spec
 from lora_jax._src.core.factors import LoraFactors, require_low_rank
 from lora_jax._src.core.trees import check_pair, leaves_with_paths
 
@@ -72,9 +72,8 @@ def take_slot(x: jax.Array, idx: Any) -> jax.Array:
     """
     idx = jnp.asarray(idx)
     idx = jnp.where(idx < 0, x.shape[0], idx)
-    aval = jax.typeof(x)
-    if explicit_axes(aval):  # on an Explicit mesh the slot's factors keep their own sharding
-        spec = tuple(aval.sharding.spec) + (None,) * (aval.ndim - len(aval.sharding.spec))
+    spec = explicit_spec(x)
+    if spec is not None:  # on an Explicit mesh the slot's factors keep their own sharding
         return x.at[idx].get(mode="fill", out_sharding=PartitionSpec(*spec[1:]))
     return jnp.take(x, idx, axis=0, mode="fill")
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src.core.explicit import explicit_axes
+from lora_jax._src.core.explicit import explicit_spec
 from lora_jax._src.core.qarray import QuantizedArray
 
 # The 16 NF4 values (index = code), as bitsandbytes stores them (float32).
@@ -144,15 +144,14 @@ def check_quantize_args(x: Any, block_size: int, stack_axes: int, fn: str) -> tu
         )
     if math.prod(shape[stack_axes:]) == 0:
         raise ValueError(f"{fn}: x of shape {shape} has no elements per matrix to quantise.")
-    if isinstance(x, jax.Array) and explicit_axes(jax.typeof(x)):
-        spec = tuple(jax.typeof(x).sharding.spec)
-        if any(e is not None for e in spec[stack_axes:]):
-            raise ValueError(
-                f"{fn}: x of shape {shape} is sharded {jax.typeof(x).sharding.spec} over "
-                f"Explicit mesh axes inside the matrix, which the flat codes cannot follow; "
-                f"quantise the unsharded (or only stack-sharded) weight, then place it with "
-                f"jax.device_put(q, lj.nf4_shardings(q, sharding))."
-            )
+    spec = explicit_spec(x) if isinstance(x, jax.Array) else None
+    if spec is not None and any(e is not None for e in spec[stack_axes:]):
+        raise ValueError(
+            f"{fn}: x of shape {shape} is sharded {jax.typeof(x).sharding.spec} over "
+            f"Explicit mesh axes inside the matrix, which the flat codes cannot follow; "
+            f"quantise the unsharded (or only stack-sharded) weight, then place it with "
+            f"jax.device_put(q, lj.nf4_shardings(q, sharding))."
+        )
     return shape[stack_axes:]
 
 
