@@ -8,6 +8,7 @@ still counts.
 import ast
 import dataclasses
 import functools
+import json
 from pathlib import Path
 
 import jax
@@ -289,6 +290,61 @@ def test_a_toy_variant_runs_through_the_library(gain_variant, tmp_path, stacked,
     assert lj.lora_plus_labels(trainable)["dense"]["kernel"].variant.gain == "fast"
     row = lj.summary(frozen, trainable).rows[0]
     assert (row.kind, row.trainable) == ("gain", t.a.size + t.b.size + t.variant.gain.size)
+
+
+class GainOnPeftLora(GainVariant):
+    """The toy variant riding on PEFT's LoRA tuner: ``<module>.lora_gain (out,)``, use_gain."""
+
+    peft, peft_setting = "lora", "use_gain"
+
+    def peft_tensors(self, t, layer):
+        return {"lora_gain": np.asarray(t.variant.gain).reshape(-1)}
+
+    def peft_config(self, config, leaves):
+        return {}, {**config, "use_gain": True}
+
+    def peft_uses(self, config):
+        return config.get("use_gain") is True
+
+    def peft_refine(self, m, tensors, consumed, config):
+        consumed.add(m.key_prefix + "lora_gain")
+        return dataclasses.replace(m, arrays={"gain_g": tensors[m.key_prefix + "lora_gain"]})
+
+
+def test_a_toy_variant_reads_and_writes_peft_files(tmp_path):
+    """The PEFT format carries a plug-in's keys through its hooks, no library change."""
+    from safetensors.numpy import load_file
+
+    from lora_jax.models import KeyEntry, KeyMap
+
+    V.register(GainOnPeftLora())
+    try:
+        params, _, frozen, trainable = _toy_setup(stacked=False)
+        key_map = KeyMap((KeyEntry("dense/kernel", "dense.weight", "linear"),))
+        lj.peft.save_pretrained(tmp_path, trainable, key_map=key_map)
+        t = trainable["dense"]["kernel"]
+        files = load_file(tmp_path / "adapter_model.safetensors")
+        np.testing.assert_array_equal(files["base_model.model.dense.lora_gain"], t.variant.gain)
+        np.testing.assert_array_equal(files["base_model.model.dense.lora_A.weight"], t.a.T)
+        config = json.loads((tmp_path / "adapter_config.json").read_text())
+        assert config["use_gain"] is True and config["peft_type"] == "LORA"
+
+        got = lj.peft.load_pretrained(tmp_path, frozen, key_map=key_map)["dense"]["kernel"]
+        assert isinstance(got.variant, GainParts)
+        np.testing.assert_array_equal(got.variant.gain, t.variant.gain)
+        np.testing.assert_allclose(
+            lj.merge(frozen, {"dense": {"kernel": got}})["dense"]["kernel"],
+            _toy_reference(params["dense"]["kernel"], t),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        # Without the setting, the reader leaves the key unread, and says so.
+        config["use_gain"] = False
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=r"map to no leaf of frozen.*dense.lora_gain"):
+            lj.peft.load_pretrained(tmp_path, frozen, key_map=key_map)
+    finally:
+        V.unregister("gain")
 
 
 def test_a_toy_variant_shards_at_split(gain_variant):

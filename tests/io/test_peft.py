@@ -1,6 +1,7 @@
 """PEFT interop: adapters made by peft load here, and ours load in peft, with equal outputs."""
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -176,6 +177,34 @@ def test_ours_to_peft_llama_stacked(llama_dir, tmp_path):
         "model.layers.0.input_layernorm",
         "model.layers.1.input_layernorm",
     ]
+    model = transformers.LlamaForCausalLM.from_pretrained(llama_dir).eval()
+    check_peft_loads(model, tmp_path, our_outputs(llama, llama_dir, frozen, trainable))
+    back = lj.peft.load_pretrained(tmp_path, frozen, key_map=llama.PEFT_KEY_MAP)
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(trainable)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("variant", ["dora", "adalora"])
+def test_ours_to_peft_llama_stacked_variants(llama_dir, tmp_path, variant):
+    """Per-layer variant arrays of a stacked leaf land on each layer's module: PEFT agrees."""
+    params, _ = llama.load(llama_dir)
+    rule = lj.LoraRule(
+        r"layers/attention/(q_proj|v_proj)/kernel", rank=4, alpha=8, stack_axes=(0,),
+        in_axes=(1,), **{variant: True},
+    )  # fmt: skip
+    frozen, trainable = lj.split(params, rule, key=jax.random.key(0))
+    trainable = _randomise(trainable)
+
+    # Each layer gets its own magnitudes (DoRA) or singular values (AdaLoRA: zero at init).
+    def per_layer(t):
+        n_layers, d_out = t.b.shape[0], t.b.shape[2]
+        u = jax.random.uniform(jax.random.key(7), (n_layers, d_out), t.b.dtype, 0.5, 1.5)
+        if variant == "dora":
+            return dataclasses.replace(t, magnitude=t.magnitude * u)
+        return dataclasses.replace(t, singular=u[:, : t.rank])
+
+    trainable = jax.tree.map(per_layer, trainable, is_leaf=lambda x: isinstance(x, lj.LoraFactors))
+    lj.peft.save_pretrained(tmp_path, trainable, key_map=llama.PEFT_KEY_MAP, task_type="CAUSAL_LM")
     model = transformers.LlamaForCausalLM.from_pretrained(llama_dir).eval()
     check_peft_loads(model, tmp_path, our_outputs(llama, llama_dir, frozen, trainable))
     back = lj.peft.load_pretrained(tmp_path, frozen, key_map=llama.PEFT_KEY_MAP)

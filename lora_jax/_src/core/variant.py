@@ -94,8 +94,8 @@ class Variant:
     static_factors: bool = False
     # Replaces the frozen base at split (PiSSA/OLoRA's residual).
     changes_base: bool = False
-    # "lora": written by the PEFT LoRA writer (its own keys there); "own": its own PEFT
-    # tuner (the peft_* hooks below); None: no PEFT format.
+    # "lora": rides on PEFT's LoRA tuner (extra keys and config fields there); "own": its
+    # own PEFT tuner (every peft_* hook below); None: no PEFT format.
     peft: str | None = None
 
     # --- rules
@@ -190,33 +190,70 @@ class Variant:
         """``{path: unmerged leaf}`` of other leaves (inverse of :meth:`merged_others`)."""
         return {}
 
-    # --- PEFT, for variants with peft == "own" (their own PEFT tuner and config)
-    peft_types: tuple[str, ...] = ()  # the PEFT ``peft_type`` values this variant reads
+    # --- PEFT. Both kinds: the ``peft_types`` it reads, its keys of one torch module, its
+    # config, its config checks. peft == "lora": the LoRA reader and writer call
+    # peft_uses/peft_refine and the attributes below around their own A/B keys.
+    # peft == "own": peft_read/peft_assemble replace the LoRA reader.
+    peft_types: tuple[str, ...] = ()  # ``peft_type`` values it reads ("own": all of them)
+    peft_setting: str = ""  # the config setting that switches it on, for messages
+    peft_pair: tuple[str, str] | None = None  # key suffixes of A and B when it is used
+    peft_embedding: bool = True  # PEFT's embedding LoRA layer carries it
+    peft_zero_fill: bool = True  # a stacked layer the adapter misses may get zero arrays
+    peft_own_fields: tuple[str, ...] = ()  # config fields it checks instead of the LoRA checks
 
     def peft_tensors(self, t: Any, layer: int | None) -> dict:
-        """``{key suffix: array}`` of one torch module (``layer`` of a stacked leaf)."""
-        raise NotImplementedError
+        """``{key suffix: array}`` of one torch module (``layer`` of a stacked leaf); for
+        peft == "lora", the keys it adds beside ``lora_A``/``lora_B``."""
+        return {}
 
     def peft_config(self, config: dict, leaves: list) -> tuple[dict, dict]:
         """``(shared tensors by key, adapter config)`` from the LoRA writer's config and the
         factors of every leaf this variant wrote."""
-        raise NotImplementedError
+        return {}, config
 
     def peft_check_config(self, config: dict, path: str) -> None:
-        """Validate a read ``adapter_config.json`` of one of :attr:`peft_types`."""
+        """Validate the fields it owns in a read ``adapter_config.json`` (raise)."""
+
+    def peft_uses(self, config: dict) -> bool:
+        """peft == "lora": whether a read LoRA ``adapter_config.json`` switches it on."""
+        return False
+
+    def peft_refine(self, m: PeftModule, tensors: dict, consumed: set, config: dict) -> PeftModule:
+        """peft == "lora": one module as read, with its keys (``m.key_prefix + suffix``)
+        added to ``m.arrays`` and marked consumed; runs before the shapes are checked."""
+        return m
 
     def peft_read(
         self, tensors, consumed, config, key_prefix, path, w_shape, layer, out_in=False
     ) -> Any:
-        """One torch module's arrays (keys ``key_prefix + suffix``), or None if not adapted.
+        """peft == "own": one torch module's arrays (keys ``key_prefix + suffix``), or None.
 
         ``out_in``: the base weight is stored ``(out, in)`` (key map layout ``linear_out_in``).
         """
         raise NotImplementedError
 
     def peft_assemble(self, found: list, stacked: bool, shape: tuple, config: dict, path: str):
-        """The factors of one leaf from its modules' :meth:`peft_read` results (or None)."""
+        """peft == "own": the factors of one leaf from its modules' :meth:`peft_read` results."""
         raise NotImplementedError
+
+
+@dataclasses.dataclass
+class PeftModule:
+    """One torch module of a PEFT LoRA adapter as the LoRA reader holds it.
+
+    ``a (r, in)`` and ``b (out, r)`` are PEFT's ``lora_A`` and ``lora_B``; ``r`` and
+    ``alpha`` come from the config; ``arrays`` are the variants' own arrays of this module
+    by checkpoint name (e.g. ``magnitude (out,)``), put into the factors by
+    :meth:`Variant.restore`.
+    """
+
+    module: str  # the torch module's name, e.g. "bert.encoder.layer.0.attention.self.query"
+    key_prefix: str  # its keys' prefix: "base_model.model.<module>."
+    a: Any
+    b: Any
+    r: int
+    alpha: float
+    arrays: dict = dataclasses.field(default_factory=dict)
 
 
 _REGISTRY: dict[str, Variant] = {}
@@ -260,8 +297,15 @@ def for_config(config: Any) -> Variant | None:
 
 
 def for_peft_type(peft_type: Any) -> Variant | None:
-    """The variant that reads PEFT adapters of ``peft_type`` itself, if any."""
-    return next((v for v in _REGISTRY.values() if peft_type in v.peft_types), None)
+    """The variant with its own PEFT tuner that reads adapters of ``peft_type``, if any."""
+    return next(
+        (v for v in _REGISTRY.values() if v.peft == "own" and peft_type in v.peft_types), None
+    )
+
+
+def on_peft_lora() -> list[Variant]:
+    """The variants that ride on PEFT's LoRA tuner (``peft == "lora"``)."""
+    return [v for v in _REGISTRY.values() if v.peft == "lora"]
 
 
 def factor_arrays(t: Any) -> dict[str, Any]:
@@ -278,6 +322,17 @@ def low_rank(t: Any) -> tuple[Any, Any]:
     for v in present(t):
         a, b = v.low_rank(t, a, b)
     return a, b
+
+
+def restore_arrays(t: Any, arrays: dict[str, Any], metas: dict | None = None) -> Any:
+    """``t`` (plain factors) with each variant's ``arrays`` (by checkpoint name) and its
+    ``metas[name]`` put back, through :meth:`Variant.restore`."""
+    metas = metas or {}
+    for v in _REGISTRY.values():
+        own = {n: x for n, x in arrays.items() if v.owns(n)}
+        if own or v.name in metas:
+            t = v.restore(t, own, metas.get(v.name))
+    return t
 
 
 def config_to_json(config: Any) -> dict | None:

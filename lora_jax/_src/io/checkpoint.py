@@ -190,12 +190,8 @@ def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) ->
                 out_axes=tuple(e["out_axes"]),
                 rslora=e["rslora"],
                 dropout=e["dropout"],
-            )
-            for v in _variant.variants():  # each variant puts back its arrays and meta
-                own = {n: x for n, x in got.items() if v.owns(n)}
-                if own or v.name in e:
-                    t = v.restore(t, own, e.get(v.name))
-            values.append(t)
+            )  # each variant puts back its arrays and meta:
+            values.append(_variant.restore_arrays(t, got, e))
     if like is not None:
         skeleton = like
     elif meta["structure"] is not None:

@@ -1,4 +1,5 @@
-"""Reading a PEFT adapter: factors, AdaLoRA triplets and fully trained leaves per module.
+"""Reading a PEFT LoRA adapter: factors (and variants' keys, by their hooks) and fully
+trained leaves, per module.
 
 The tensor names and layouts are documented in :mod:`lora_jax.peft`.
 """
@@ -40,11 +41,14 @@ def read_config(directory: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist; pass a folder written by save_pretrained.")
     config = read_json(path, f"a PEFT {CONFIG_NAME}")
-    own = _variant.for_peft_type(config.get("peft_type"))
-    if config.get("peft_type") not in ("LORA", "ADALORA") and own is None:
-        more = [t for v in _variant.variants() for t in v.peft_types]
+    ptype = config.get("peft_type")
+    own = _variant.for_peft_type(ptype)
+    on_lora = _variant.on_peft_lora()
+    lora_types = ["LORA", *(t for v in on_lora for t in v.peft_types)]
+    if ptype not in lora_types and own is None:
+        more = [t for v in _variant.variants() if v.peft == "own" for t in v.peft_types]
         raise ValueError(
-            f"{path}: peft_type={config.get('peft_type')!r}; only 'LORA' and 'ADALORA' load "
+            f"{path}: peft_type={ptype!r}; only {' and '.join(map(repr, lora_types))} load "
             f"(and {more} through their variants)."
         )
     for name, ok in (("bias", "none"), ("lora_bias", False)):
@@ -55,8 +59,11 @@ def read_config(directory: str | os.PathLike) -> dict:
             )
     if own is not None:
         own.peft_check_config(config, path)
-    else:
-        check_peft_config(config, path)
+        return config
+    skip = {f for v in on_lora if v.peft_uses(config) for f in v.peft_own_fields}
+    check_peft_config(config, path, skip=skip)
+    for v in on_lora:
+        v.peft_check_config(config, path)
     return config
 
 
@@ -68,13 +75,14 @@ def split_point(shape: tuple[int, ...], d_in: int, d_out: int) -> int | None:
 
 
 def read_factors(tensors, consumed, config, module, path, w_shape, stacked_index, out_in=False):
-    """(a, b, alpha, (in_axes, out_axes), singular, magnitude) of one torch module, or None.
+    """(a, b, alpha, (in_axes, out_axes), variant arrays) of one torch module, or None.
 
     ``w_shape`` is the (per-layer) weight's shape: ``(*in, *out)``, or ``(*out, *in)`` when
-    ``out_in`` (a torch-layout weight, key map layout ``linear_out_in``).
+    ``out_in`` (a torch-layout weight, key map layout ``linear_out_in``). The variants this
+    config switches on read their own keys (:meth:`Variant.peft_refine`).
     """
-    adalora = config.get("peft_type") == "ADALORA"
-    pairs = (("lora_A", "lora_B"),) if adalora else ()
+    used = [v for v in _variant.on_peft_lora() if v.peft_uses(config)]
+    pairs = tuple(v.peft_pair for v in used if v.peft_pair)
     pairs += (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
     for a_name, b_name in pairs:
         ka, kb = f"{ROOT}{module}.{a_name}", f"{ROOT}{module}.{b_name}"
@@ -84,14 +92,16 @@ def read_factors(tensors, consumed, config, module, path, w_shape, stacked_index
         return None
     if kb not in tensors:
         raise ValueError(f"adapter has '{ka}' but no '{kb}'; the file is incomplete.")
-    A, B = tensors[ka], tensors[kb]
     consumed.update((ka, kb))
-    if adalora:
-        r, alpha = config["init_r"], config["lora_alpha"]
-        A, B, E = adalora_tensors(tensors, consumed, config, module, ka, A, B)
-    else:
-        r = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
-        alpha = pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    owned = {f for v in used for f in v.peft_own_fields}
+    r = config.get("r")
+    if "rank_pattern" not in owned:
+        r = pattern_value(config.get("rank_pattern") or {}, module, r)
+    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    m = _variant.PeftModule(module, f"{ROOT}{module}.", tensors[ka], tensors[kb], r, alpha)
+    for v in used:
+        m = v.peft_refine(m, tensors, consumed, config)
+    A, B, r = m.a, m.b, m.r
     where = f"'{path}'" + ("" if stacked_index is None else f" layer {stacked_index}")
     if A.ndim != 2 or A.shape[0] != r:
         raise ValueError(f"'{ka}' has shape {A.shape}; r={r} in {CONFIG_NAME} expects ({r}, in).")
@@ -111,50 +121,7 @@ def read_factors(tensors, consumed, config, module, path, w_shape, stacked_index
     axes = (
         (tuple(range(k, n)), tuple(range(k))) if out_in else (tuple(range(k)), tuple(range(k, n)))
     )
-    magnitude = None
-    if config.get("use_dora", False):
-        km = f"{ROOT}{module}.lora_magnitude_vector"
-        if km not in tensors or tensors[km].shape != (B.shape[0],):
-            got = tensors[km].shape if km in tensors else "is missing"
-            raise ValueError(
-                f"{CONFIG_NAME} has use_dora=True but '{km}' {got}; expected shape "
-                f"({B.shape[0]},). The file is incomplete."
-            )
-        consumed.add(km)
-        magnitude = tensors[km].reshape(outs)
-    return a, b, float(alpha), axes, (E if adalora else None), magnitude
-
-
-def adalora_tensors(tensors, consumed, config, module, ka, A, B):
-    """AdaLoRA's ``A (r, in)``, ``B (out, r)``, ``E (r,)`` expanded to ``init_r`` if pruned."""
-    ke = f"{ROOT}{module}.lora_E"
-    if ke not in tensors or tensors[ke].shape != (A.shape[0], 1):
-        got = tensors[ke].shape if ke in tensors else "is missing"
-        raise ValueError(
-            f"AdaLoRA adapter has '{ka}' {A.shape} but '{ke}' {got}; expected "
-            f"({A.shape[0]}, 1). The file is incomplete."
-        )
-    consumed.add(ke)
-    E = tensors[ke][:, 0]
-    r = config["init_r"]
-    kept = (config.get("rank_pattern") or {}).get(f"{module}.lora_E")
-    if kept is not None and A.shape[0] != r:
-        kept = np.asarray(kept, bool)
-        if kept.shape != (r,) or kept.sum() != A.shape[0]:
-            raise ValueError(
-                f"rank_pattern['{module}.lora_E'] keeps {int(kept.sum())} of {kept.size} "
-                f"ranks but '{ka}' has {A.shape[0]} rows and init_r={r}; the file is "
-                f"inconsistent."
-            )
-        full = (
-            lambda x, axis: np.zeros(  # noqa: E731
-                x.shape[:axis] + (r,) + x.shape[axis + 1 :], x.dtype
-            )
-        )
-        A2, B2, E2 = full(A, 0), full(B, 1), full(E, 0)
-        A2[kept], B2[:, kept], E2[kept] = A, B, E
-        A, B, E = A2, B2, E2
-    return A, B, E
+    return a, b, float(m.alpha), axes, m.arrays
 
 
 def check_base_copy(tensors, consumed, prefix, tg, w, path) -> None:
@@ -208,33 +175,34 @@ def assemble(found, stacked, shape, config, path) -> LoraFactors | None:
     present = [f for f in found if f is not None]
     if not present:
         return None
-    if len({(f[0].shape, f[1].shape, f[2], f[3]) for f in present}) > 1:
+    kinds = {(f[0].shape, f[1].shape, f[2], f[3], *map(np.shape, f[4].values())) for f in present}
+    if len(kinds) > 1:
         raise ValueError(
             f"'{path}' stacks {len(found)} layers but the adapter gives them different ranks, "
             f"alphas or shapes; PEFT adapters with per-layer ranks need an unstacked model."
         )
-    a0, b0, alpha, (ins, outs), s0, m0 = present[0]
-    if m0 is not None and len(present) < len(found):
-        raise ValueError(
-            f"'{path}' stacks {len(found)} layers but the DoRA adapter covers only "
-            f"{len(present)}; a missing layer has no magnitude. Load onto an unstacked model."
-        )
-    if stacked:  # layers the adapter misses get zero factors (and zero singular values)
+    a0, b0, alpha, (ins, outs), arrays0 = present[0]
+    gaps = len(present) < len(found)
+    for v in _variant.variants():
+        if gaps and not v.peft_zero_fill and any(v.owns(n) for n in arrays0):
+            raise ValueError(
+                f"'{path}' stacks {len(found)} layers but the {v.title} adapter covers only "
+                f"{len(present)}; a missing layer has no {v.title} arrays. Load onto an "
+                f"unstacked model."
+            )
+    if stacked:  # layers the adapter misses get zero factors (and zero variant arrays)
 
-        def stack(i: int, x0: np.ndarray | None) -> np.ndarray | None:
-            if x0 is None:
-                return None
-            return np.stack([np.zeros_like(x0) if f is None else f[i] for f in found])
+        def stack(pick, x0: np.ndarray) -> np.ndarray:
+            return np.stack([np.zeros_like(x0) if f is None else pick(f) for f in found])
 
-        a, b, singular, magnitude = stack(0, a0), stack(1, b0), stack(4, s0), stack(5, m0)
+        a, b = stack(lambda f: f[0], a0), stack(lambda f: f[1], b0)
+        arrays = {n: stack(lambda f, n=n: f[4][n], x) for n, x in arrays0.items()}
     else:
-        a, b, singular, magnitude = a0, b0, s0, m0
+        a, b, arrays = a0, b0, arrays0
     ns = int(stacked)
-    return LoraFactors(
+    t = LoraFactors(
         a=jnp.asarray(a),
         b=jnp.asarray(b),
-        singular=None if singular is None else jnp.asarray(singular),
-        magnitude=None if magnitude is None else jnp.asarray(magnitude),
         alpha=alpha,
         stack_axes=tuple(range(ns)),
         in_axes=tuple(ns + i for i in ins),
@@ -242,3 +210,4 @@ def assemble(found, stacked, shape, config, path) -> LoraFactors | None:
         rslora=bool(config.get("use_rslora", False)),
         dropout=float(config.get("lora_dropout", 0.0)),
     )
+    return _variant.restore_arrays(t, {n: jnp.asarray(x) for n, x in arrays.items()})

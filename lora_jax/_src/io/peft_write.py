@@ -156,7 +156,7 @@ def save_pretrained(
     _check_args("save_pretrained", key_map, trainable, "trainable")
     tensors: dict[str, np.ndarray] = {}
     ranks, alphas, rslora, dropout, targets, full = {}, {}, {}, {}, [], []
-    dora, adalora, owners = {}, {}, {}
+    lora_leaves, owners = [], {}  # (path, factors, variants present) written as LoRA
     for path, t in leaves_with_paths(trainable):
         if t is None:
             continue
@@ -194,7 +194,8 @@ def save_pretrained(
                 dropout[module] = t.dropout
             owners.setdefault(own, []).append(t)
             continue
-        for v in _variant.present(t):
+        on_lora = list(_variant.present(t))
+        for v in on_lora:
             if v.peft != "lora":
                 raise ValueError(
                     f"'{path}': {v.title} factors have no PEFT format (no PEFT LoRA tuner reads "
@@ -203,44 +204,35 @@ def save_pretrained(
                 )
         _check_orientation(path, t, tgts[0].layout)
         a, b = np.asarray(t.a), np.asarray(t.b)
-        singular = None if t.singular is None else np.asarray(t.singular)
-        magnitude = None if t.magnitude is None else np.asarray(t.magnitude)
         ns = len(t.stack_axes)
         order = np.argsort(t.in_axes)  # torch flattens the in side in the weight's axis order
         a = a.transpose(*range(ns), *(ns + order), a.ndim - 1)
         a = a.reshape(*a.shape[:ns], -1, a.shape[-1])
         b = b.reshape(*b.shape[: ns + 1], -1)
-        if magnitude is not None:
-            magnitude = magnitude.reshape(*magnitude.shape[:ns], -1)
+        emb = tgts[0].layout == "embedding"
+        refused = next((v for v in on_lora if emb and not v.peft_embedding), None)
+        if refused is not None:
+            raise ValueError(
+                f"'{path}' is an embedding with {refused.title} factors; the PEFT export "
+                f"supports those on linear weights only. Use a plain LoraRule for embeddings."
+            )
+        names = next(
+            (v.peft_pair for v in on_lora if v.peft_pair),
+            ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight"),
+        )
         for i, tg in enumerate(tgts):
             module = module_prefix + tg.module
-            ai, bi, si, mi = (
-                x[i] if stacked and x is not None else x for x in (a, b, singular, magnitude)
-            )
-            emb = tg.layout == "embedding"
-            if emb and (si is not None or mi is not None):
-                raise ValueError(
-                    f"'{path}' is an embedding with {'DoRA' if mi is not None else 'AdaLoRA'} "
-                    f"factors; the PEFT export supports those on linear weights only. Use a "
-                    f"plain LoraRule for embeddings."
-                )
-            names = (
-                ("lora_embedding_A", "lora_embedding_B")
-                if emb
-                else ("lora_A", "lora_B")
-                if si is not None
-                else ("lora_A.weight", "lora_B.weight")
-            )
+            layer = i if stacked else None
+            ai, bi = (a[i], b[i]) if stacked else (a, b)
             tensors[f"{ROOT}{module}.{names[0]}"] = np.ascontiguousarray(ai.T)
             tensors[f"{ROOT}{module}.{names[1]}"] = np.ascontiguousarray(bi.T)
-            if si is not None:
-                tensors[f"{ROOT}{module}.lora_E"] = np.ascontiguousarray(si[:, None])
-            if mi is not None:
-                tensors[f"{ROOT}{module}.lora_magnitude_vector"] = np.ascontiguousarray(mi)
+            for v in on_lora:
+                for suffix, x in v.peft_tensors(t, layer).items():
+                    tensors[f"{ROOT}{module}.{suffix}"] = np.ascontiguousarray(x)
             targets.append(module)
             ranks[module], alphas[module] = t.rank, _number(t.alpha)
             rslora[module], dropout[module] = t.rslora, t.dropout
-            dora[module], adalora[module] = mi is not None, si is not None
+        lora_leaves.append((path, t, on_lora))
     if not targets and not full:
         raise ValueError("trainable has no factors or trained leaves; nothing to save.")
     r, rank_pattern = _common(ranks) if ranks else (8, {})
@@ -266,10 +258,18 @@ def save_pretrained(
         "bias": "none",
         "init_lora_weights": init,
         "inference_mode": True,
-        "use_dora": bool(_one(dora, "use_dora")) if dora else False,
     }
-    if adalora and _one(adalora, "AdaLoRA (singular values)"):
-        config = _adalora_config(config, ranks, alphas)
+    for v in _variant.on_peft_lora():  # PEFT switches a variant on for the whole adapter
+        leaves = [t for _, t, on in lora_leaves if v in on]
+        if leaves and len(leaves) < len(lora_leaves):
+            path = next(p for p, _, on in lora_leaves if v not in on)
+            raise ValueError(
+                f"PEFT has one {v.peft_setting} per adapter but the factors use [False, True] "
+                f"(e.g. {path!r} has no {v.title}); use one value in all LoraRules."
+            )
+        if leaves:
+            shared, config = v.peft_config(config, leaves)
+            tensors.update(shared)
     for v, leaves in owners.items():
         if ranks or len(owners) > 1:
             raise ValueError(f"{v.title} factors cannot share a PEFT adapter with other factors.")
@@ -279,37 +279,6 @@ def save_pretrained(
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-
-
-def _adalora_config(config: dict, ranks: dict, alphas: dict) -> dict:
-    """PEFT's ``AdaLoraConfig`` for an adapter whose factors all have singular values.
-
-    The schedule fields (``target_r``, ``total_step``...) only matter for training in PEFT;
-    they are set so that the config validates (``target_r = init_r``, ``total_step = 1``).
-    """
-    if config["use_rslora"]:
-        raise ValueError(
-            "AdaLoRA factors with rslora=True cannot be exported: PEFT's AdaLoRA always "
-            "scales by lora_alpha / r; split with rslora=False."
-        )
-    r = _one(ranks, "init_r (AdaLoRA rank)")
-    config = {k: v for k, v in config.items() if k not in ("rank_pattern", "alpha_pattern")}
-    config.update(
-        peft_type="ADALORA",
-        r=8,  # unused by AdaLoRA (PEFT warns for other values)
-        init_r=r,
-        target_r=r,
-        lora_alpha=_one(alphas, "lora_alpha"),
-        rank_pattern=None,
-        total_step=1,
-        tinit=0,
-        tfinal=0,
-        deltaT=1,
-        beta1=0.85,
-        beta2=0.85,
-        orth_reg_weight=0.5,
-    )
-    return config
 
 
 def load_pretrained(directory: str | os.PathLike, frozen: Any, *, key_map: KeyMap) -> Any:

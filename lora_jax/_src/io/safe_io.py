@@ -13,6 +13,7 @@ import math
 import os
 import re
 import struct
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -306,12 +307,13 @@ def _is_rank(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
-def check_peft_config(config: dict, path: str) -> None:
-    """Refuse an ``adapter_config.json`` whose fields have the wrong type or range."""
-    adalora = config.get("peft_type") == "ADALORA"
-    rank_key = "init_r" if adalora else "r"
+def check_peft_config(config: dict, path: str, skip: Collection[str] = ()) -> None:
+    """Refuse a LoRA ``adapter_config.json`` whose fields have the wrong type or range.
+
+    ``skip``: fields a variant switched on by this config checks itself (AdaLoRA's rank).
+    """
     checks = [
-        (rank_key, _is_rank(config.get(rank_key)), "a positive int"),
+        ("r", _is_rank(config.get("r")), "a positive int"),
         (
             "lora_alpha",
             _is_number(config.get("lora_alpha")) and config["lora_alpha"] > 0,
@@ -324,10 +326,10 @@ def check_peft_config(config: dict, path: str) -> None:
             "a number in [0, 1)",
         ),
     ]
-    for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
+    for name in ("use_rslora", "fan_in_fan_out"):
         checks.append((name, isinstance(config.get(name, False), bool), "true or false"))
     for name, ok, want in checks:
-        if not ok:
+        if not ok and name not in skip:
             raise ValueError(
                 f"{path}: {name}={config.get(name)!r} must be {want}; fix the config or re-save "
                 f"the adapter."
@@ -336,12 +338,9 @@ def check_peft_config(config: dict, path: str) -> None:
         ("rank_pattern", _is_rank, "positive ints"),
         ("alpha_pattern", lambda v: _is_number(v) and v > 0, "finite numbers > 0"),
     ):
+        if name in skip:
+            continue
         pattern = config.get(name) or {}
-        if adalora and name == "rank_pattern":  # {module.lora_E: [kept, ...]}
-            valid, want = (
-                lambda v: isinstance(v, list) and all(isinstance(k, bool | int) for k in v),
-                "lists of booleans",
-            )
         if not isinstance(pattern, dict) or not all(
             isinstance(k, str) and valid(v) for k, v in pattern.items()
         ):

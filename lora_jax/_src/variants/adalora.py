@@ -39,7 +39,14 @@ class AdaLora(_variant.Variant):
 
     name = "adalora"
     title = "AdaLoRA"
+    # PEFT: an AdaLoraConfig (peft_type 'ADALORA', init_r, rank_pattern = kept ranks) over
+    # LoRA's modules, with keys lora_A (r, in), lora_B (out, r), lora_E (r, 1).
     peft = "lora"
+    peft_types = ("ADALORA",)
+    peft_setting = "AdaLoRA (singular values)"
+    peft_pair = ("lora_A", "lora_B")
+    peft_embedding = False
+    peft_own_fields = ("r", "rank_pattern")
 
     def wants(self, rule: Any) -> bool:
         return bool(rule.adalora)
@@ -80,6 +87,89 @@ class AdaLora(_variant.Variant):
     def low_rank(self, t, a, b):
         s = t.singular.reshape(t.singular.shape + (1,) * len(t.out_axes))
         return a, b * s.astype(b.dtype)
+
+    def peft_tensors(self, t, layer):
+        s = np.asarray(t.singular)
+        return {"lora_E": (s if layer is None else s[layer])[:, None]}
+
+    def peft_config(self, config, leaves):
+        """PEFT's ``AdaLoraConfig``; the schedule fields only matter for training in PEFT
+        and are set so that it validates (``target_r = init_r``, ``total_step = 1``)."""
+        if config["use_rslora"]:
+            raise ValueError(
+                "AdaLoRA factors with rslora=True cannot be exported: PEFT's AdaLoRA always "
+                "scales by lora_alpha / r; split with rslora=False."
+            )
+        r, alpha = (_one_value({getattr(t, f) for t in leaves}, n) for f, n in _PER_ADAPTER)
+        config = {k: v for k, v in config.items() if k not in ("rank_pattern", "alpha_pattern")}
+        config.update(
+            peft_type="ADALORA", r=8,  # r: unused by AdaLoRA (PEFT warns for other values)
+            init_r=r, target_r=r, lora_alpha=alpha, rank_pattern=None, total_step=1,
+            tinit=0, tfinal=0, deltaT=1, beta1=0.85, beta2=0.85, orth_reg_weight=0.5,
+        )  # fmt: skip
+        return {}, config
+
+    def peft_check_config(self, config, path):
+        if not self.peft_uses(config):
+            return
+        r, kept = config.get("init_r"), config.get("rank_pattern") or {}
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(
+                f"{path}: init_r={r!r} must be a positive int; fix the config or re-save the "
+                f"adapter."
+            )
+        if not isinstance(kept, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(x, bool | int) for x in v)
+            for k, v in kept.items()
+        ):
+            raise ValueError(
+                f"{path}: rank_pattern must map module names to lists of booleans, got "
+                f"{str(kept)[:120]}; fix the config or re-save the adapter."
+            )
+
+    def peft_uses(self, config):
+        return config.get("peft_type") == "ADALORA"
+
+    def peft_refine(self, m, tensors, consumed, config):
+        """``lora_E (r, 1)`` read, and A, B, E expanded back to ``init_r`` if PEFT pruned."""
+        ke, A, B = m.key_prefix + "lora_E", m.a, m.b
+        if ke not in tensors or tensors[ke].shape != (A.shape[0], 1):
+            got = tensors[ke].shape if ke in tensors else "is missing"
+            raise ValueError(
+                f"AdaLoRA adapter has '{m.key_prefix}lora_A' {A.shape} but '{ke}' {got}; "
+                f"expected ({A.shape[0]}, 1). The file is incomplete."
+            )
+        consumed.add(ke)
+        E, r = tensors[ke][:, 0], config["init_r"]
+        module = m.module
+        kept = (config.get("rank_pattern") or {}).get(f"{module}.lora_E")
+        if kept is not None and A.shape[0] != r:
+            kept = np.asarray(kept, bool)
+            if kept.shape != (r,) or kept.sum() != A.shape[0]:
+                raise ValueError(
+                    f"rank_pattern['{module}.lora_E'] keeps {int(kept.sum())} of {kept.size} "
+                    f"ranks but '{m.key_prefix}lora_A' has {A.shape[0]} rows and init_r={r}; "
+                    f"the file is inconsistent."
+                )
+            A2 = np.zeros((r, A.shape[1]), A.dtype)
+            B2, E2 = np.zeros((B.shape[0], r), B.dtype), np.zeros((r,), E.dtype)
+            A2[kept], B2[:, kept], E2[kept] = A, B, E
+            A, B, E = A2, B2, E2
+        arrays = {**m.arrays, "singular": E}
+        return dataclasses.replace(m, a=A, b=B, r=r, alpha=config["lora_alpha"], arrays=arrays)
+
+
+# PEFT's AdaLoraConfig has one rank and one alpha: (LoraFactors field, config name).
+_PER_ADAPTER = (("rank", "init_r (AdaLoRA rank)"), ("alpha", "lora_alpha"))
+
+
+def _one_value(values: set, name: str):
+    if len(values) > 1:
+        raise ValueError(
+            f"PEFT has one {name} per adapter but the factors use {sorted(values)}; use one "
+            f"value in all AdaLoRA LoraRules."
+        )
+    return int(x) if float(x := values.pop()).is_integer() else float(x)
 
 
 ADALORA = _variant.register(AdaLora())

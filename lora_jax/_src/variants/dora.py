@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax._src.core import variant as _variant
 from lora_jax._src.core.factors import (
@@ -81,7 +82,10 @@ class Dora(_variant.Variant):
     name = "dora"
     title = "DoRA"
     plain_low_rank = False
-    peft = "lora"
+    peft = "lora"  # PEFT: use_dora=True, <module>.lora_magnitude_vector (out,)
+    peft_setting = "use_dora"
+    peft_embedding = False
+    peft_zero_fill = False  # a zero magnitude is not "no update"
 
     def wants(self, rule: Any) -> bool:
         return bool(rule.dora)
@@ -105,8 +109,40 @@ class Dora(_variant.Variant):
     def owns(self, name: str) -> bool:
         return name == "magnitude"
 
-    def restore(self, t, arrays, meta):
-        return dataclasses.replace(t, magnitude=arrays["magnitude"])
+    def restore(self, t, arrays, meta):  # PEFT's magnitude is flat over the out axes
+        ns = len(t.stack_axes)
+        shape = t.b.shape[:ns] + t.b.shape[ns + 1 :]
+        m = arrays["magnitude"]
+        return dataclasses.replace(t, magnitude=m if m.shape == shape else m.reshape(shape))
+
+    def peft_tensors(self, t, layer):
+        m = np.asarray(t.magnitude)
+        m = m.reshape(*m.shape[: len(t.stack_axes)], -1)
+        return {"lora_magnitude_vector": m if layer is None else m[layer]}
+
+    def peft_config(self, config, leaves):
+        return {}, {**config, "use_dora": True}
+
+    def peft_check_config(self, config, path):
+        if not isinstance(config.get("use_dora", False), bool):
+            raise ValueError(
+                f"{path}: use_dora={config['use_dora']!r} must be true or false; fix the config "
+                f"or re-save the adapter."
+            )
+
+    def peft_uses(self, config):
+        return config.get("use_dora", False) is True
+
+    def peft_refine(self, m, tensors, consumed, config):
+        key, d_out = m.key_prefix + "lora_magnitude_vector", m.b.shape[0]
+        if key not in tensors or tensors[key].shape != (d_out,):
+            got = tensors[key].shape if key in tensors else "is missing"
+            raise ValueError(
+                f"adapter_config.json has use_dora=True but '{key}' {got}; expected shape "
+                f"({d_out},). The file is incomplete."
+            )
+        consumed.add(key)
+        return dataclasses.replace(m, arrays={**m.arrays, "magnitude": tensors[key]})
 
     def terms(self, t, terms, frozen_at):
         # The norm is a constant in the backward pass; col scales the base and folds into b.
