@@ -235,8 +235,9 @@ def main() -> None:
         f"LoRA r=16 on q, k, v, o, gate, up, down of every layer, `jax.checkpoint` per "
         f"block, AdamW; losses {', '.join(f'{x:.3f}' for x in r['losses'])}. Process RSS "
         f"at start {r['rss_start'] / GIB:.2f} GiB (Python, JAX). Checkpoint written in "
-        f"{write_s:.0f} s and deleted afterwards. The machine ({os.cpu_count()} cores) was "
-        f"shared with other engineers' jobs: times are inflated.\n\n"
+        f"{write_s:.0f} s and deleted afterwards. The process could use "
+        f"{len(os.sched_getaffinity(0))} of the machine's {os.cpu_count()} cores; say what "
+        f"else ran beside it when quoting the times.\n\n"
         f"```\n{r['report']}\n```"
     )
     print(body)

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._explicit import reshape_rows
+
 if TYPE_CHECKING:
     from .llama import LlamaConfig
 
@@ -45,10 +47,10 @@ def attention_qkv(h: jax.Array, p: dict, cos, sin, config: LlamaConfig, batch: i
     group = config.num_attention_heads // nkv
     a = p["attention"]
     x = _rms_norm(h, p["input_layernorm"]["scale"], config.rms_norm_eps)
-    q = _rope((x @ a["q_proj"]["kernel"]).reshape(batch, -1, nkv * group, hd), cos, sin)
-    k = _rope((x @ a["k_proj"]["kernel"]).reshape(batch, -1, nkv, hd), cos, sin)
-    v = (x @ a["v_proj"]["kernel"]).reshape(batch, -1, nkv, hd)
-    return q.reshape(*k.shape[:2], nkv, group, hd), k, v
+    q = _rope(reshape_rows(x @ a["q_proj"]["kernel"], batch, -1, nkv * group, hd), cos, sin)
+    k = _rope(reshape_rows(x @ a["k_proj"]["kernel"], batch, -1, nkv, hd), cos, sin)
+    v = reshape_rows(x @ a["v_proj"]["kernel"], batch, -1, nkv, hd)
+    return reshape_rows(q, *k.shape[:2], nkv, group, hd), k, v
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
@@ -62,7 +64,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Arr
     b, sq = q.shape[:2]
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) / jnp.asarray(q.shape[-1] ** 0.5, q.dtype)
     probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b * sq, -1)
+    return reshape_rows(jnp.einsum("bkgqs,bskd->bqkgd", probs, v), b * sq, -1)
 
 
 def layer_output(h: jax.Array, ctx: jax.Array, p: dict, config: LlamaConfig) -> jax.Array:

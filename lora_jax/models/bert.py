@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ._explicit import lookup, reshape_rows
 from ._hf import (
     KeyEntry,
     KeyMap,
@@ -243,7 +244,7 @@ def _layer(p: dict, h: jax.Array, bias: jax.Array, config: BertConfig) -> jax.Ar
     a = p["attention"]
 
     def heads(x):  # (batch*seq, hidden) -> (batch, heads, seq, head_dim)
-        return x.reshape(b, s, nh, hd).transpose(0, 2, 1, 3)
+        return reshape_rows(x, b, s, nh, hd).transpose(0, 2, 1, 3)
 
     # Scale q (batch*seq*hidden values) rather than the scores (batch*heads*seq*seq).
     q = heads(_dense(h, a["query"]) * jnp.asarray(hd**-0.5, h.dtype))
@@ -251,7 +252,7 @@ def _layer(p: dict, h: jax.Array, bias: jax.Array, config: BertConfig) -> jax.Ar
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k)
     probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(v.dtype)
     ctx = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
-    ctx = ctx.reshape(b * s, config.hidden_size)
+    ctx = reshape_rows(ctx, b * s, config.hidden_size)
     eps = config.layer_norm_eps
     h = _layer_norm(_dense(ctx, a["output"]["dense"]) + h, a["output"]["LayerNorm"], eps)
     act = _ACTIVATIONS[config.hidden_act]
@@ -286,18 +287,18 @@ def forward(
     if token_type_ids is None:
         token_type_ids = jnp.zeros_like(input_ids)
     h = (
-        jnp.take(e["word_embeddings"]["embedding"], input_ids, axis=0)
+        lookup(e["word_embeddings"]["embedding"], input_ids)
         + e["position_embeddings"]["embedding"][None, :s]
-        + jnp.take(e["token_type_embeddings"]["embedding"], token_type_ids, axis=0)
+        + lookup(e["token_type_embeddings"]["embedding"], token_type_ids)
     )
-    h = _layer_norm(h, e["LayerNorm"], config.layer_norm_eps).reshape(b * s, -1)
+    h = reshape_rows(_layer_norm(h, e["LayerNorm"], config.layer_norm_eps), b * s, -1)
     if attention_mask is None:
         attention_mask = jnp.ones((b, s), bool)
     # Additive key mask (batch, 1, 1, seq) in float32, as transformers builds it.
     bias = jnp.where(attention_mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
     for i in range(config.num_hidden_layers):
         h = _layer(params["encoder"][f"layer_{i}"], h, bias, config)
-    return h.reshape(b, s, -1)
+    return reshape_rows(h, b, s, -1)
 
 
 def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:

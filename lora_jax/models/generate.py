@@ -38,6 +38,7 @@ from lora_jax._src.multi.bank import AdapterBank
 from lora_jax._src.ops.apply import lora_apply
 
 from . import _llama_blocks as blocks
+from ._explicit import lookup
 
 if TYPE_CHECKING:
     from .llama import LlamaConfig
@@ -89,7 +90,7 @@ def forward_cached(
     b, s = input_ids.shape
     max_len = cache.k.shape[2]
     emb = params["embed_tokens"]["embedding"]
-    h = jnp.take(emb, input_ids, axis=0).reshape(b * s, -1)
+    h = lookup(emb, input_ids).reshape(b * s, -1)
     cos, sin = blocks.rope_tables(config, positions)
     causal = jnp.arange(max_len)[None, None, :] <= slots[:, :, None]
     visible = causal & kv_mask.astype(bool)[:, None, :]

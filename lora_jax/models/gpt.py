@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ._explicit import lookup, reshape_rows
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -62,29 +64,29 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, bias: jax.Array | None
     """
     b, t = tokens.shape
     d, h = cfg.d_model, cfg.n_heads
-    x = params["embed"]["embedding"][tokens] + params["pos"]["embedding"][:t]
+    x = lookup(params["embed"]["embedding"], tokens) + params["pos"]["embedding"][:t]
     if bias is not None:
         x = x + bias
-    x = x.reshape(b * t, d)
+    x = reshape_rows(x, b * t, d)
     mask = jnp.tril(jnp.ones((t, t), bool))
 
     def layer(x, p):
         y = _norm(x, p["ln1"])
-        heads = lambda z: z.reshape(b, t, h, d // h).transpose(0, 2, 1, 3)  # noqa: E731
+        heads = lambda z: reshape_rows(z, b, t, h, d // h).transpose(0, 2, 1, 3)  # noqa: E731
         # Scale q (b*t*d values) rather than the scores (b*h*t*t values).
         q = heads((y @ p["attn"]["q"]["kernel"]) * jnp.asarray((d // h) ** -0.5, y.dtype))
         k, v = (heads(y @ p["attn"][n]["kernel"]) for n in ("k", "v"))
         s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
         s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
         o = jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
-        x = x + o.transpose(0, 2, 1, 3).reshape(b * t, d) @ p["attn"]["o"]["kernel"]
+        x = x + reshape_rows(o.transpose(0, 2, 1, 3), b * t, d) @ p["attn"]["o"]["kernel"]
         y = _norm(x, p["ln2"])
         y = jax.nn.gelu(y @ p["mlp"]["fc1"]["kernel"]) @ p["mlp"]["fc2"]["kernel"]
         return x + y, None
 
     x, _ = lax.scan(layer, x, params["layers"])
     x = _norm(x, params["ln_f"])
-    return (x @ params["head"]["kernel"]).reshape(b, t, cfg.vocab)
+    return reshape_rows(x @ params["head"]["kernel"], b, t, cfg.vocab)
 
 
 def loss(params: dict, cfg: Config, tokens: jax.Array, bias: jax.Array | None = None):

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ._explicit import lookup, reshape_rows
 from ._gguf import gguf_llama
 from ._hf import (
     KeyEntry,
@@ -297,7 +298,7 @@ def forward(
     """
     b, s = input_ids.shape
     emb = params["embed_tokens"]["embedding"]
-    h = jnp.take(emb, input_ids, axis=0).reshape(b * s, -1)
+    h = reshape_rows(lookup(emb, input_ids), b * s, -1)
     cos, sin = rope_tables(config, jnp.arange(s))
     visible = jnp.tril(jnp.ones((s, s), bool))[None]
     if attention_mask is not None:
@@ -311,7 +312,7 @@ def forward(
         return layer_output(h, attend(q, k, v, bias), p, config), None
 
     h, _ = jax.lax.scan(jax.checkpoint(step) if remat else step, h, params["layers"])
-    return logits_of(params, config, h).reshape(b, s, -1)
+    return reshape_rows(logits_of(params, config, h), b, s, -1)
 
 
 # Re-exported here: llama.generate is the model's sampling entry point.

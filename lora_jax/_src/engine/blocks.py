@@ -176,8 +176,9 @@ def stop_gradient(v: Adapted) -> Adapted:
     return dataclasses.replace(v, base=base, **changes)
 
 
-def constrain(v: Adapted, sharding: Any, bind_base) -> Adapted:
-    """A sharding constraint: the base keeps it, each factor gets the matching spec."""
+def constrain(v: Adapted, sharding: Any, bind_base, on_factor=lax.with_sharding_constraint):
+    """A sharding constraint (or a reshard, ``on_factor=jax.sharding.reshard``): the base
+    keeps it, each factor gets the matching spec."""
     base = v.map_base(bind_base)
     changes = {}
     if isinstance(sharding, jax.sharding.NamedSharding):
@@ -185,7 +186,7 @@ def constrain(v: Adapted, sharding: Any, bind_base) -> Adapted:
         for name, arr, m in v.parts():
             fspec = jax.sharding.PartitionSpec(*(None if ax is None else spec[ax] for ax in m))
             fs = jax.sharding.NamedSharding(sharding.mesh, fspec)
-            changes[name] = lax.with_sharding_constraint(arr, fs)
+            changes[name] = on_factor(arr, fs)
     return dataclasses.replace(v, base=base, **changes)
 
 

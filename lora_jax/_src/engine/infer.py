@@ -54,7 +54,8 @@ def _step(eqn: Any, ins: list[Any], found: dict, ndims: dict) -> list[Any]:
     op = jc.read(eqn)
     p = ins[0] if isinstance(ins[0], _Probe) else None
     n_out = len(eqn.outvars)
-    if isinstance(op, jc.Convert | jc.Identity | jc.ShardingConstraint | jc.StopGradient) and p:
+    passes = jc.Convert | jc.Identity | jc.ShardingConstraint | jc.Reshard | jc.StopGradient
+    if isinstance(op, passes) and p:
         return [p]
     if isinstance(op, jc.Transpose) and p:
         return [dataclasses.replace(p, origins=tuple(p.origins[i] for i in op.perm))]

@@ -349,6 +349,9 @@ def _rewrite(eqn: Any, invals: Sequence[Any], ctx: Context) -> list[Any]:
         elif isinstance(op, jc.ShardingConstraint) and isinstance(invals[0], Adapted):
             base_op = lambda w: jc.bind_raw(eqn, [w])[0]
             return [blocks.constrain(invals[0], op.sharding, base_op)]
+        elif isinstance(op, jc.Reshard) and isinstance(invals[0], Adapted):
+            base_op = lambda w: jc.bind_raw(eqn, [w])[0]
+            return [blocks.constrain(invals[0], op.sharding, base_op, jax.sharding.reshard)]
         elif isinstance(op, jc.Barrier):
             return control.barrier(eqn, invals)
         elif isinstance(op, jc.Concatenate):

@@ -96,6 +96,13 @@ class ShardingConstraint(NamedTuple):
     unconstrained_dims: frozenset
 
 
+class Reshard(NamedTuple):
+    """reshard (``jax.sharding.reshard``; Explicit-axis meshes): params ``dst_sharding``,
+    ``concrete_mesh`` in 0.10.2 and at head (jax/_src/pjit.py, ``reshard_p``)."""
+
+    sharding: Any
+
+
 class Barrier(NamedTuple):
     """optimization_barrier over all operands."""
 
@@ -286,6 +293,7 @@ _READERS: dict[str, Callable[[dict], Any]] = {
     "sharding_constraint": lambda p: ShardingConstraint(
         p["sharding"], frozenset(p.get("unconstrained_dims", ()))
     ),
+    "reshard": lambda p: Reshard(p["dst_sharding"]),
     "optimization_barrier": lambda p: Barrier(),
     "stop_gradient": lambda p: StopGradient(),
     "concatenate": lambda p: Concatenate(int(p["dimension"])),
