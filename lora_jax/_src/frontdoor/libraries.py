@@ -24,6 +24,15 @@ def _call(model: Any, *args: Any, **kwargs: Any) -> Any:
     return model(*args, **kwargs)
 
 
+def _split_and_wrap(run, tree, rules, key, args, kwargs, strict):
+    """``(frozen, trainable, lora_apply(run))`` of ``tree``, where ``run(tree, *args,
+    **kwargs)`` calls the model; with example inputs, split reads each weight's layout."""
+    frozen, trainable = split_tree(
+        tree, rules, key=key, apply_fn=run if args or kwargs else None, args=args, kwargs=kwargs
+    )
+    return frozen, trainable, lora_apply(run, strict=strict)
+
+
 class NnxLora(NamedTuple):
     """What :func:`lora_jax.nnx.split` returns.
 
@@ -92,10 +101,8 @@ def nnx_split(
     def run(s: Any, *a: Any, **k: Any) -> Any:
         return call(nnx.merge(graphdef, s), *a, **k)
 
-    frozen, trainable = split_tree(
-        state, rules, key=key, apply_fn=run if args or kwargs else None, args=args, kwargs=kwargs
-    )
-    return NnxLora(graphdef, frozen, trainable, lora_apply(run, strict=strict))
+    frozen, trainable, apply = _split_and_wrap(run, state, rules, key, args, kwargs, strict)
+    return NnxLora(graphdef, frozen, trainable, apply)
 
 
 def nnx_merge(module: Any, frozen: Any, trainable: Any) -> Any:
@@ -140,10 +147,8 @@ def eqx_split(
     def run(p: Any, *a: Any, **k: Any) -> Any:
         return call(eqx.combine(p, static), *a, **k)
 
-    frozen, trainable = split_tree(
-        params, rules, key=key, apply_fn=run if args or kwargs else None, args=args, kwargs=kwargs
-    )
-    return EqxLora(frozen, trainable, static, lora_apply(run, strict=strict))
+    frozen, trainable, apply = _split_and_wrap(run, params, rules, key, args, kwargs, strict)
+    return EqxLora(frozen, trainable, static, apply)
 
 
 def eqx_merge(static: Any, frozen: Any, trainable: Any) -> Any:
