@@ -162,7 +162,8 @@ def test_causal_lm_smoke():
         for line in out.splitlines()
         if line.startswith(("| LoRA", "| QLoRA", "| PyTorch"))
     }
-    assert set(rows) == {"LoRA", "QLoRA", "PyTorch + PEFT LoRA"}, out
+    peft_rows = {"PyTorch + PEFT LoRA", "PyTorch + PEFT + bitsandbytes QLoRA"}
+    assert set(rows) == {"LoRA", "QLoRA", *peft_rows}, out
     for name, (before, after, *_) in rows.items():
         assert 0 < after < before < 10, (name, before, after)  # training lowers held-out loss
     cfg = causal_lm.SMOKE_CONFIG
