@@ -247,6 +247,36 @@ def peft_logits_diff(trainable, frozen, config, rules, smoke, folder, adapter_di
     return float(np.abs(np.asarray(ours) - theirs.numpy()).max())
 
 
+def check_logits(adapter_dir: str, seq: int) -> None:
+    """Ours vs transformers + PEFT next-token logits of a saved adapter (and of the base
+    alone), in float32 and in float64: what float32 rounding explains and what it does not."""
+    import torch
+    from peft import PeftModel
+
+    jax.config.update("jax_enable_x64", True)
+    rules = [lj.LoraRule(TARGETS, rank=16, alpha=32.0, stack_axes=(0,))]
+    params, _, config, tok, folder = load(False, rules, tempfile.mkdtemp())
+    ids = windows(hamlet_tokens(tok, False)[1], seq + 1)[:2, :seq]  # two held-out windows
+    t_ids = torch.as_tensor(ids, dtype=torch.long)
+    for dt, tdt in ((jnp.float32, torch.float32), (jnp.float64, torch.float64)):
+        p = jax.tree.map(lambda x, dt=dt: jnp.asarray(x, dt), params)
+        frozen, _ = lj.split(p, rules, key=jax.random.key(1))
+        t = lj.peft.load_pretrained(adapter_dir, frozen, key_map=llama.PEFT_KEY_MAP)
+        t = jax.tree.map(lambda x, dt=dt: jnp.asarray(x, dt), t)
+        ours = np.asarray(lj.lora_apply(llama.forward)(frozen, t, config, jnp.asarray(ids)))
+        ours_base = np.asarray(llama.forward(p, config, jnp.asarray(ids)))
+        base = torch_base(False, folder).to(tdt)
+        with torch.no_grad():
+            theirs_base = base(input_ids=t_ids).logits.numpy()
+            pm = PeftModel.from_pretrained(base, adapter_dir).to(tdt).eval()
+            theirs = pm(input_ids=t_ids).logits.numpy()
+        print(
+            f"{np.dtype(dt).name}: max |ours - transformers| base "
+            f"{np.abs(ours_base - theirs_base).max():.2e}, with the adapter "
+            f"{np.abs(ours - theirs).max():.2e} (max |logit| {np.abs(theirs).max():.1f})"
+        )
+
+
 def sample(params, config, tok, trainable, new_tokens):
     """A top-p (0.9, temperature 0.8) continuation of PROMPT, adapters unmerged."""
     prompt = np.asarray([tok.encode(PROMPT)], np.int32)
@@ -287,6 +317,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for the plot, losses and adapter")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch + PEFT runs")
     ap.add_argument(
+        "--check-logits", metavar="ADAPTER_DIR",
+        help="compare a saved adapter's logits with transformers + PEFT, float32 and float64",
+    )  # fmt: skip
+    ap.add_argument(
         "--torch-qlora-only", action="store_true",
         help="only the PyTorch + PEFT + bitsandbytes QLoRA run (prints its row)",
     )  # fmt: skip
@@ -307,6 +341,9 @@ def main() -> None:
     data_batches = batches(train_ids, steps, batch, seq)
     lr, eval_every = schedule(steps, peak_lr), max(1, steps // 6)
 
+    if args.check_logits:
+        check_logits(args.check_logits, seq)
+        return
     if args.torch_qlora_only:
         import torch
 
