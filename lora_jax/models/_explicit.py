@@ -31,14 +31,5 @@ def reshape_rows(x: jax.Array, *shape: int) -> jax.Array:
     spec = explicit_spec(x)
     if spec is None:
         return x.reshape(shape)
-    shape = _resolve(x.size, shape)
     out = PartitionSpec(spec[0], *(None,) * (len(shape) - 1))
-    return jax.lax.reshape(x, shape, out_sharding=out)
-
-
-def _resolve(size: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """``shape`` with its one ``-1`` (if any) filled in."""
-    known = 1
-    for n in shape:
-        known *= n if n != -1 else 1
-    return tuple(size // known if n == -1 else n for n in shape)
+    return jnp.reshape(x, shape, out_sharding=out)

@@ -100,7 +100,19 @@ class AdaLora(_variant.Variant):
                 "AdaLoRA factors with rslora=True cannot be exported: PEFT's AdaLoRA always "
                 "scales by lora_alpha / r; split with rslora=False."
             )
-        r, alpha = (_one_value({getattr(t, f) for t in leaves}, n) for f, n in _PER_ADAPTER)
+        per_adapter = (
+            ("r", "rank_pattern", "init_r (AdaLoRA rank)"),
+            ("lora_alpha", "alpha_pattern", "lora_alpha"),
+        )
+        for field, exceptions, name in per_adapter:  # the LoRA writer's per-module values
+            pattern = config[exceptions]
+            if pattern:
+                raise ValueError(
+                    f"PEFT has one {name} per adapter but the factors use "
+                    f"{sorted({config[field], *pattern.values()})}; use one value in all "
+                    f"AdaLoRA LoraRules."
+                )
+        r, alpha = config["r"], config["lora_alpha"]
         config = {k: v for k, v in config.items() if k not in ("rank_pattern", "alpha_pattern")}
         config.update(
             peft_type="ADALORA", r=8,  # r: unused by AdaLoRA (PEFT warns for other values)
@@ -157,19 +169,6 @@ class AdaLora(_variant.Variant):
             A, B, E = A2, B2, E2
         arrays = {**m.arrays, "singular": E}
         return dataclasses.replace(m, a=A, b=B, r=r, alpha=config["lora_alpha"], arrays=arrays)
-
-
-# PEFT's AdaLoraConfig has one rank and one alpha: (LoraFactors field, config name).
-_PER_ADAPTER = (("rank", "init_r (AdaLoRA rank)"), ("alpha", "lora_alpha"))
-
-
-def _one_value(values: set, name: str):
-    if len(values) > 1:
-        raise ValueError(
-            f"PEFT has one {name} per adapter but the factors use {sorted(values)}; use one "
-            f"value in all AdaLoRA LoraRules."
-        )
-    return int(x) if float(x := values.pop()).is_integer() else float(x)
 
 
 ADALORA = _variant.register(AdaLora())
