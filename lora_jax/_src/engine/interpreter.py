@@ -22,7 +22,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 from lora_jax._src.core.explicit import typed_like
-from lora_jax._src.engine import blocks, control
+from lora_jax._src.engine import blocks, control, segments
 from lora_jax._src.engine import implicit as im
 from lora_jax._src.engine import jax_compat as jc
 from lora_jax._src.engine import lowrank as lr
@@ -53,10 +53,11 @@ class Context:
     rng: jax.Array | None = None
     uses: int = 0
     warned: set = dataclasses.field(default_factory=set)
+    runs: dict = dataclasses.field(default_factory=dict)  # segments.bind_run's jit cache
 
     def child(self, rng: jax.Array | None) -> Context:
-        """The context of a loop body: its own dropout key, shared warnings."""
-        return Context(self.strict, rng, 0, self.warned)
+        """The context of a loop body: its own dropout key, shared warnings and runs."""
+        return Context(self.strict, rng, 0, self.warned, self.runs)
 
     def dense_all(self, xs: Sequence[Any], what: str) -> list[Any]:
         return [self.fallback(x, what) if isinstance(x, Adapted) else x for x in xs]
@@ -96,6 +97,9 @@ class Context:
         return im.materialize(v)
 
 
+_PENDING = object()  # the value of an output of a run not bound yet
+
+
 def _read(env: dict, v: Any) -> Any:
     return v.val if isinstance(v, jcore.Literal) else env[v]
 
@@ -107,9 +111,22 @@ def run(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context) ->
         env[var] = val
     for var, val in zip(jaxpr.invars, args):
         env[var] = val
-    for eqn in jaxpr.eqns:
+    last = segments.last_uses(jaxpr)
+    pending: list = []  # a run of equations that read no adapted weight, bound together
+    for i, eqn in enumerate(jaxpr.eqns):
+        adapted = any(
+            isinstance(env.get(v), Adapted) for v in eqn.invars if type(v) is not jcore.Literal
+        )
+        if not adapted and segments.can_join(eqn):
+            pending.append(eqn)
+            for var in eqn.outvars:
+                env[var] = _PENDING
+            continue
+        if pending:
+            segments.bind_run(pending, i, env, last, ctx.runs)
+            pending = []
         invals = [_read(env, v) for v in eqn.invars]
-        if any(isinstance(x, Adapted) for x in invals):
+        if adapted:
             with jc.in_context(eqn):
                 outs = _rewrite(eqn, invals, ctx)
         else:
@@ -117,6 +134,8 @@ def run(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context) ->
         for var, val in zip(eqn.outvars, outs):
             if not isinstance(var, jcore.DropVar):
                 env[var] = val
+    if pending:
+        segments.bind_run(pending, len(jaxpr.eqns), env, last, ctx.runs)
     return [_read(env, v) for v in jaxpr.outvars]
 
 

@@ -23,6 +23,8 @@ Where the names differ (read in the jax source, github.com/jax-ml/jax):
   (``fun_jaxpr``); with ``jax_custom_vjp3`` a ``call_hi_primitive`` whose ``_prim`` is a
   ``CustomVJPTraced`` (``jax/_src/hijax.py``); any other hi primitive is read through its
   ``expand`` method (its primal meaning).
+* the trace stack (:func:`staging`): ``jax._src.core.trace_ctx`` and
+  ``partial_eval.DynamicJaxprTrace``, the one read of JAX internals (no public reader).
 * ``shard_map``: ``mesh, in_specs, out_specs, jaxpr, check_vma, newly_manual_axes`` in 0.10.2
   and at head (``jax/_src/shard_map.py``).
 """
@@ -34,6 +36,12 @@ from typing import Any, NamedTuple
 
 import jax
 from jax.extend import source_info_util as siu
+
+try:  # the trace stack has no public reader; see staging()
+    from jax._src.core import trace_ctx as _trace_ctx
+    from jax._src.interpreters.partial_eval import DynamicJaxprTrace as _Staging
+except ImportError:  # pragma: no cover - a JAX that moved them: equations bound one by one
+    _trace_ctx = _Staging = None
 
 
 class Closed(NamedTuple):
@@ -361,6 +369,21 @@ class _Both:
     def __exit__(self, *exc):
         self.second.__exit__(*exc)
         self.first.__exit__(*exc)
+
+
+def staging() -> bool:
+    """Whether the current trace stack stages out a program (``jit``, ``make_jaxpr``).
+
+    Walks ``parent_trace`` from ``trace_ctx.trace`` looking for a ``DynamicJaxprTrace``, as
+    ``unsafe_am_i_under_a_jit`` does (``jax/_src/core.py``, 0.10.2 and at head, commit
+    cec06d1), without printing the stack. False where those names are gone.
+    """
+    trace = None if _trace_ctx is None else _trace_ctx.trace
+    while trace is not None:
+        if isinstance(trace, _Staging):
+            return True
+        trace = getattr(trace, "parent_trace", None)
+    return False
 
 
 def bind_raw(eqn: Any, invals: Sequence[Any]) -> list[Any]:
