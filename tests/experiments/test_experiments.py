@@ -191,13 +191,3 @@ def test_trace_time_smoke():
     # 14 adapted uses (7 per layer, 2 layers), each adding the rank-r products to the program
     assert plain_eqns + 14 * 2 <= lora_eqns <= 2 * plain_eqns
     assert numbers(line("ratio:"))[0] > 0
-
-
-def test_shared_input_smoke():
-    out = run_smoke("shared_input.py")
-    line = lambda prefix: next(s for s in out.splitlines() if s.startswith(prefix))  # noqa: E731
-    shared, separate, floor = numbers(line("- dot ops in the compiled step:"))
-    # q, k, v and gate, up share their first products: fewer dots than one per use
-    assert floor < shared < separate
-    a, b = numbers(line("- loss after the timed steps:"))
-    assert abs(a - b) <= 1e-5 * abs(b)

@@ -22,7 +22,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 from lora_jax._src.core.explicit import typed_like
-from lora_jax._src.engine import blocks, control, segments, siblings
+from lora_jax._src.engine import blocks, control, segments
 from lora_jax._src.engine import implicit as im
 from lora_jax._src.engine import jax_compat as jc
 from lora_jax._src.engine import lowrank as lr
@@ -112,7 +112,6 @@ def run(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context) ->
     for var, val in zip(jaxpr.invars, args):
         env[var] = val
     last = segments.last_uses(jaxpr)
-    ahead = siblings.Ahead(jaxpr, env)
     pending: list = []  # a run of equations that read no adapted weight, bound together
     for i, eqn in enumerate(jaxpr.eqns):
         adapted = any(
@@ -128,9 +127,8 @@ def run(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context) ->
             pending = []
         invals = [_read(env, v) for v in eqn.invars]
         if adapted:
-            ahead.at = i
             with jc.in_context(eqn):
-                outs = _rewrite(eqn, invals, ctx, ahead)
+                outs = _rewrite(eqn, invals, ctx)
         else:
             outs = jc.bind(eqn, invals)
         for var, val in zip(eqn.outvars, outs):
@@ -208,9 +206,7 @@ VIEWS = (
 )
 
 
-def _dot(
-    eqn: Any, p: jc.Dot, invals: Sequence[Any], ctx: Context, ahead: siblings.Ahead
-) -> list[Any]:
+def _dot(eqn: Any, p: jc.Dot, invals: Sequence[Any], ctx: Context) -> list[Any]:
     lhs, rhs = invals
     if isinstance(lhs, Adapted) and isinstance(rhs, Adapted):
         # An indexed view (embedding rows) is activations, not a weight: that one is formed.
@@ -243,11 +239,6 @@ def _dot(
     if not w.has_factors:
         return [out]
     key = ctx.next_key()
-    shared = siblings.shared_first(eqn, p, x, w, x_is_lhs, key, ahead)
-    if shared is not None:
-        t, plan = shared
-        dtype, precision = p.preferred_element_type, p.precision
-        return [lr.second_product(t, plan, w.scale, x.dtype, dtype, precision, add_to=out)]
     summed = typed_like(
         lambda x, a, b, out: lr.lowrank_dot(
             x,
@@ -358,7 +349,7 @@ def _mul(eqn: Any, invals: Sequence[Any]) -> list[Any]:
     return [blocks.scale(v, s)]
 
 
-def _rewrite(eqn: Any, invals: Sequence[Any], ctx: Context, ahead: siblings.Ahead) -> list[Any]:
+def _rewrite(eqn: Any, invals: Sequence[Any], ctx: Context) -> list[Any]:
     op = jc.read(eqn)
     try:
         if isinstance(op, VIEWS):
@@ -367,7 +358,7 @@ def _rewrite(eqn: Any, invals: Sequence[Any], ctx: Context, ahead: siblings.Ahea
             ):
                 return [_view(op, invals[0], invals[1:])]
         elif isinstance(op, jc.Dot):
-            return _dot(eqn, op, invals, ctx, ahead)
+            return _dot(eqn, op, invals, ctx)
         elif isinstance(op, jc.Conv):
             return _conv(eqn, op, invals, ctx)
         elif isinstance(op, jc.RaggedDot):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import string
-from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,30 +71,6 @@ def dot_letters(x_ndim: int, w_ndim: int, x_is_lhs: bool, dn) -> tuple[str, str,
     return "".join(xl), "".join(wl), out
 
 
-class Plan(NamedTuple):
-    """How one use ``dot_general(x, W)`` meets the factors: ``(x . f1) . f2``.
-
-    ``specs`` are the einsum letters ``(xs, s1, t, s2, out)`` of x, f1, the rank-r
-    intermediate t, f2 and the output.
-    """
-
-    f1: jax.Array
-    f2: jax.Array
-    specs: tuple[str, str, str, str, str]
-
-
-def plan(x_shape: tuple[int, ...], v: Adapted, x_is_lhs: bool, dn) -> Plan:
-    """The use's plan: x meets first the factor it shares more axes with."""
-    xs, ws, out = dot_letters(len(x_shape), len(v.shape), x_is_lhs, dn)
-    sa, sb = factor_specs(v, ws)
-    size = dict(zip(xs, x_shape))
-    shared = lambda s: int(np.prod([size[c] for c in s if c in xs]))
-    first, second = (v.a, sa), (v.b, sb)
-    (f1, s1), (f2, s2) = (first, second) if shared(sa) >= shared(sb) else (second, first)
-    t_spec = "".join(dict.fromkeys(c for c in xs + s1 if c in out or c in s2))
-    return Plan(f1, f2, (xs, s1, t_spec, s2, out))
-
-
 def lowrank_dot(
     x: jax.Array, v: Adapted, x_is_lhs: bool, dn, out_dtype, precision, rng, add_to=None
 ) -> jax.Array:
@@ -104,47 +78,20 @@ def lowrank_dot(
 
     ``add_to`` (the base product ``x . W0``), if given, is returned plus the term, in its dtype.
     """
-    p = plan(x.shape, v, x_is_lhs, dn)
+    xs, ws, out = dot_letters(x.ndim, len(v.shape), x_is_lhs, dn)
+    sa, sb = factor_specs(v, ws)
+    size = dict(zip(xs, x.shape))
+    shared = lambda s: int(np.prod([size[c] for c in s if c in xs]))
+    first, second = (v.a, sa), (v.b, sb)
+    (f1, s1), (f2, s2) = (first, second) if shared(sa) >= shared(sb) else (second, first)
     if rng is not None and v.dropout > 0:
         keep = jax.random.bernoulli(rng, 1.0 - v.dropout, x.shape)
         x = jnp.where(keep, x / jnp.asarray(1.0 - v.dropout, x.dtype), jnp.zeros((), x.dtype))
+    t_spec = "".join(dict.fromkeys(c for c in xs + s1 if c in out or c in s2))
+    specs = (xs, s1, t_spec, s2, out)
     return _two_products(
-        x, p.f1, p.f2, v.scale, add_to, specs=p.specs, precision=precision, dtype=out_dtype
+        x, f1, f2, v.scale, add_to, specs=specs, precision=precision, dtype=out_dtype
     )
-
-
-def same_first(p: Plan, q: Plan) -> bool:
-    """Whether two uses of one ``x`` can share their first product (one ``x . [f1 | f1']``)."""
-    rank = p.specs[1].index(RANK)
-    drop = lambda s: s[:rank] + s[rank + 1 :]
-    return (
-        p.specs[:3] == q.specs[:3]
-        and drop(p.f1.shape) == drop(q.f1.shape)
-        and p.f1.dtype == q.f1.dtype
-    )
-
-
-def first_products(x: jax.Array, plans: Sequence[Plan], out_dtype, precision) -> list:
-    """``x . f1`` of several uses of ``x`` (``same_first``) as one contraction against their
-    ``f1`` concatenated on the rank axis, split back per use."""
-    xs, s1, t_spec = plans[0].specs[:3]
-    ranks = tuple(p.f1.shape[s1.index(RANK)] for p in plans)
-    return _first_products(
-        x, [p.f1 for p in plans], specs=(xs, s1, _rank_first(t_spec)), ranks=ranks,
-        precision=precision, dtype=out_dtype,
-    )  # fmt: skip
-
-
-def second_product(t, p: Plan, scale: float, x_dtype, out_dtype, precision, add_to=None):
-    """``add_to + scale * (t . f2)`` for the first product ``t`` of ``first_products``."""
-    t_spec, s2, out = p.specs[2:]
-    specs = (_rank_first(t_spec), s2, out)
-    return _second_product(t, p.f2, scale, add_to, specs, x_dtype, precision, out_dtype)
-
-
-def _rank_first(t_spec: str) -> str:
-    """The shared ``t`` is split on its first axis: each use's share is contiguous."""
-    return RANK + t_spec.replace(RANK, "")
 
 
 @functools.partial(jax.jit, static_argnames=("specs", "precision", "dtype"))
@@ -156,28 +103,11 @@ def _two_products(x, f1, f2, scale, add_to, *, specs, precision, dtype):
     linearisation) instead of op by op in each layer; XLA inlines the call.
     """
     xs, s1, t_spec, s2, out = specs
-    t = contract(x, xs, f1.astype(x.dtype), s1, t_spec, precision=precision,
-                 preferred_element_type=dtype)  # fmt: skip
-    return _second(t, f2, scale, add_to, (t_spec, s2, out), x.dtype, precision, dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("specs", "ranks", "precision", "dtype"))
-def _first_products(x, f1s, *, specs, ranks, precision, dtype):
-    xs, s1, t_spec = specs
-    cat = jnp.concatenate([f.astype(x.dtype) for f in f1s], axis=s1.index(RANK))
-    t = contract(x, xs, cat, s1, t_spec, precision=precision, preferred_element_type=dtype)
-    return jnp.split(t, np.cumsum(ranks)[:-1], axis=t_spec.index(RANK))
-
-
-def _second(t, f2, scale, add_to, specs, x_dtype, precision, dtype):
-    t_spec, s2, out = specs
+    kw = dict(precision=precision, preferred_element_type=dtype)
+    t = contract(x, xs, f1.astype(x.dtype), s1, t_spec, **kw)
     t = t * jnp.asarray(scale, t.dtype)
-    f2 = f2.astype(x_dtype).astype(t.dtype)
-    low = contract(t, t_spec, f2, s2, out, precision=precision, preferred_element_type=dtype)
+    low = contract(t, t_spec, f2.astype(x.dtype).astype(t.dtype), s2, out, **kw)
     return low if add_to is None else add_to + low.astype(add_to.dtype)
-
-
-_second_product = jax.jit(_second, static_argnums=(4, 5, 6, 7))
 
 
 def lowrank_conv(x: jax.Array, v: Adapted, params: dict, rng) -> jax.Array:
