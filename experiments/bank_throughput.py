@@ -6,9 +6,7 @@ tokens (BENCH's 128-token sequences shortened so the whole run fits in a few min
 shared 2-core machine) is served
 
   bank N       one jitted call, lj.lora_apply(gpt.forward)(frozen, bank, ..., adapter_ids=ids)
-               with example i using adapter 1 + i % N (banks of N * r <= 64 rank columns run
-               every slot's factors side by side, gated per example; wider ones gather)
-  gathered N   the same call forced onto the gathered (BGMV) path, for the narrow banks
+               with example i using adapter 1 + i % N
   loop N       for each of the N adapters: lj.merge it into the base (jitted), run its
                examples through the merged model (jitted gpt.forward)
   merged       one merged model on the whole batch (the zero-overhead single-task case)
@@ -44,7 +42,6 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
-from lora_jax._src.multi import bank_factors  # noqa: E402
 from lora_jax.models import gpt  # noqa: E402
 
 SMOKE = gpt.Config(vocab=64, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_len=16)
@@ -78,20 +75,6 @@ def make_adapters(params, n: int, rank: int) -> tuple:
             new.append(f.with_factors(a, 0.02 * jax.random.normal(kb, f.b.shape)))
         adapters.append(jax.tree.unflatten(tree, new))
     return frozen, adapters
-
-
-def is_bank_leaf(x) -> bool:
-    return x is None or isinstance(x, bank_factors.BankFactors)
-
-
-def gathered_call(served, frozen, bank, ids, tokens):
-    """``served`` compiled with the gated path switched off (every example gathers its factors)."""
-    saved, bank_factors.GATED_MAX_COLUMNS = bank_factors.GATED_MAX_COLUMNS, 0
-    try:
-        compiled = served.lower(frozen, bank, ids, tokens).compile()
-    finally:
-        bank_factors.GATED_MAX_COLUMNS = saved
-    return lambda: compiled(frozen, bank, ids, tokens)
 
 
 def kernel_times(d: int, tokens: int, seq: int, n: int, rank: int, repeats: int) -> dict:
@@ -155,8 +138,6 @@ def main() -> None:
             return outs
 
         fns[f"bank{n}"] = lambda bank=bank, ids=ids: served(frozen, bank, ids, tokens)
-        if bank_factors.use_gates(jax.tree.leaves(bank.tree, is_leaf=is_bank_leaf)):
-            fns[f"gathered{n}"] = gathered_call(served, frozen, bank, ids, tokens)
         fns[f"loop{n}"] = loop
         fns[f"fwd{n}"] = lambda loop=loop: loop(False)
         if n == max(counts):  # the bank's mixed batch equals the merged models' outputs
@@ -177,17 +158,7 @@ def main() -> None:
     ]
     for n, tb, tl, tf in rows:
         lines.append(f"| {n} | {us(tb):.1f} | {us(tl):.1f} | {us(tf):.1f} | {tb / tl:.2f} |")
-    gathered = [n for n in counts if f"gathered{n}" in med]
     lines += [
-        "",
-        "Narrow banks run gated (every slot's factors side by side, one matmul per low-rank "
-        "product for the batch); the same call on the gathered path: "
-        + "; ".join(
-            f"{n} adapter(s) {us(med[f'gathered{n}']):.1f} µs/token "
-            f"(gated / gathered {med[f'bank{n}'] / med[f'gathered{n}']:.2f})"
-            for n in gathered
-        )
-        + ".",
         "",
         f"Single merged model: {us(t_merged):.1f} µs/token; base model: {us(t_base):.1f} µs/token. "
         f"Per-token overhead of the bank with one adapter over the merged model: "
@@ -199,7 +170,7 @@ def main() -> None:
             f"{n} adapter(s): BGMV {1e3 * k['bgmv']:.2f} ms, ragged_dot {1e3 * k['sgmv']:.2f} ms"
             for n, k in kernels.items()
         )
-        + ". Wide banks use BGMV (vmap with factors gathered per example).",
+        + ". The bank uses BGMV (vmap with factors gathered per example).",
         "",
         f"Model {cfg}; LoRA r={rank} on q, k, v, o, fc1, fc2; batch {batch} x {seq} tokens, "
         f"example i uses adapter 1 + i mod N; median of {repeats} interleaved rounds after a "

@@ -5,14 +5,12 @@ import dataclasses
 import warnings
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import lora_jax as lj
-from lora_jax._src.multi import bank_factors
 from lora_jax.models import gpt
 
 CFG = gpt.Config(vocab=64, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_len=16)
@@ -89,28 +87,8 @@ def mlp_bank():
     return params, frozen, adapters, lj.stack_adapters(adapters, slots=6)
 
 
-@pytest.fixture(params=["gated", "gathered"])
-def bank_path(request, monkeypatch):
-    """Both ways a mixed batch runs: every slot's factors side by side with a per-example
-    gate (narrow banks), or each example's factors gathered (BGMV, wide banks)."""
-    if request.param == "gathered":
-        monkeypatch.setattr(bank_factors, "GATED_MAX_COLUMNS", 0)
-    return request.param
-
-
-def _dots(jaxpr) -> list:
-    """Every dot_general of a (closed) jaxpr, inner jaxprs included."""
-    out = []
-    for e in jaxpr.eqns:
-        if e.primitive.name == "dot_general":
-            out.append(e)
-        for sub in jax.extend.core.jaxprs_in_params(e.params):
-            out += _dots(sub)
-    return out
-
-
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_mixed_batch_equals_dense_float64_per_example(mlp_bank, jit, bank_path):
+def test_mixed_batch_equals_dense_float64_per_example(mlp_bank, jit):
     params, frozen, adapters, bank = mlp_bank
     ids = jnp.array([0, 1, 2, 3, 4, 2, 5, 4], jnp.int32)
     x = jax.random.normal(jax.random.key(7), (8, 12))
@@ -124,7 +102,7 @@ def test_mixed_batch_equals_dense_float64_per_example(mlp_bank, jit, bank_path):
 
 
 @pytest.mark.slow
-def test_gpt_mixed_batch_equals_separate_runs(bank_path):
+def test_gpt_mixed_batch_equals_separate_runs():
     params = gpt.init(jax.random.key(0), CFG)
     adapters = []
     for i, (r, al, rs) in enumerate(SPECS):
@@ -469,7 +447,7 @@ def test_adalora_singular_values_survive_banks_and_combinations():
 
 
 @pytest.mark.parametrize("bad", [6, 9, -1], ids=["one-past", "far", "negative"])
-def test_out_of_range_ids_raise_eagerly_and_give_nan_under_jit(mlp_bank, bad, bank_path):
+def test_out_of_range_ids_raise_eagerly_and_give_nan_under_jit(mlp_bank, bad):
     params, frozen, adapters, bank = mlp_bank  # slots 0..5
     x = jax.random.normal(jax.random.key(8), (3, 12))
     run = lambda bank, ids, x: lj.lora_apply(mlp)(frozen, bank, x, adapter_ids=ids)
@@ -486,26 +464,9 @@ def test_out_of_range_ids_raise_eagerly_and_give_nan_under_jit(mlp_bank, bad, ba
     assert np.isnan(np.asarray(scalar(bank, x, jnp.int32(bad)))).all()
 
 
-def test_narrow_bank_runs_each_low_rank_product_once_for_the_batch(mlp_bank, bank_path):
-    """Gated: no dot_general is batched per example (the gate sits between the products);
-    gathered: the low-rank products are per-example batched matmuls."""
-    _, frozen, _, bank = mlp_bank
-    x, ids = jnp.ones((8, 12)), jnp.arange(8, dtype=jnp.int32) % 6
-    jaxpr = jax.make_jaxpr(lambda b, i, x: lj.lora_apply(mlp)(frozen, b, x, adapter_ids=i))(
-        bank, ids, x
-    )
-    dots = _dots(jaxpr.jaxpr)
-    batched = [e for e in dots if e.params["dimension_numbers"][1] != ((), ())]
-    assert len(dots) == 6  # two base matmuls and two low-rank products per kernel
-    assert len(batched) == (0 if bank_path == "gated" else 4)
-    if bank_path == "gated":  # x . a meets all 5 adapter slots' columns at once: 5 * R = 30
-        widths = sorted(e.outvars[0].aval.shape[-1] for e in dots)
-        assert widths == [6, 6, 16, 16, 30, 30]  # base and t . b outputs, and two x . a
-
-
-def test_gate_survives_concatenated_and_convolved_weights(bank_path):
-    """A fused projection (two adapted kernels concatenated) folds the gate into b; a
-    convolution applies it between its products. Both against float64 per example."""
+def test_mixed_batch_through_fused_and_convolved_weights():
+    """A fused projection (two adapted kernels concatenated) and a convolution, served from one
+    mixed batch without materialising anything, against float64 per example."""
     k = jax.random.split(jax.random.key(11), 3)
     params = {
         "q": jax.random.normal(k[0], (8, 4)),
@@ -515,9 +476,8 @@ def test_gate_survives_concatenated_and_convolved_weights(bank_path):
 
     def model(p, x):  # x (batch, length, 8)
         fused = jnp.concatenate([p["q"], p["k"]], axis=1)
-        y = jax.lax.conv_general_dilated(
-            x, p["conv"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
-        )
+        dn = ("NWC", "WIO", "NWC")
+        y = jax.lax.conv_general_dilated(x, p["conv"], (1,), "SAME", dimension_numbers=dn)
         return jnp.concatenate([x @ fused, y], axis=-1)
 
     rules = [
@@ -532,19 +492,15 @@ def test_gate_survives_concatenated_and_convolved_weights(bank_path):
     x = jax.random.normal(jax.random.key(12), (4, 6, 8))
     ids = jnp.array([2, 0, 3, 1], jnp.int32)
     with warnings_as_errors():
-        out = jax.jit(lambda b, i, x: lj.lora_apply(model)(frozen, b, x, adapter_ids=i))(
-            bank, ids, x
-        )
+        run = lambda b, i, x: lj.lora_apply(model)(frozen, b, x, adapter_ids=i)
+        out = jax.jit(run)(bank, ids, x)
 
     def reference(t, x):
         p = {n: np.asarray(w, np.float64) for n, w in params.items()}
         if t is not None:
             for n in p:
-                f = t[n]
-                delta = np.einsum(
-                    "...r,ro->...o", np.asarray(f.a, np.float64), np.asarray(f.b, np.float64)
-                )
-                p[n] = p[n] + f.scale * delta
+                a, b = np.asarray(t[n].a, np.float64), np.asarray(t[n].b, np.float64)
+                p[n] = p[n] + t[n].scale * np.einsum("...r,ro->...o", a, b)
         x = np.asarray(x, np.float64)
         fused = np.concatenate([p["q"], p["k"]], axis=1)
         padded = np.pad(x, ((0, 0), (1, 1), (0, 0)))
@@ -557,14 +513,13 @@ def test_gate_survives_concatenated_and_convolved_weights(bank_path):
         np.testing.assert_allclose(out[row], ref, rtol=2e-5, atol=2e-5)
 
 
-def test_materialized_mixed_batch_folds_the_gate(mlp_bank, bank_path):
-    """lora_apply(materialize=True) merges each example's factors: the gate goes into b."""
+def test_materialized_mixed_batch_equals_dense_float64(mlp_bank):
+    """lora_apply(materialize=True) with a bank merges each example's slot factors."""
     params, frozen, adapters, bank = mlp_bank
     ids = jnp.array([3, 0, 1, 4], jnp.int32)
     x = jax.random.normal(jax.random.key(9), (4, 12))
-    out = jax.jit(
-        lambda b, i, x: lj.lora_apply(mlp, materialize=True)(frozen, b, x, adapter_ids=i)
-    )(bank, ids, x)
+    run = lambda b, i, x: lj.lora_apply(mlp, materialize=True)(frozen, b, x, adapter_ids=i)
+    out = jax.jit(run)(bank, ids, x)
     for row, slot in enumerate(np.asarray(ids)):
         t = adapters[slot - 1] if slot else None
         np.testing.assert_allclose(

@@ -39,7 +39,7 @@ from lora_jax._src.core import variant as _variant
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["a", "b", "magnitude", "singular", "glora", "variant", "gate"],
+    data_fields=["a", "b", "magnitude", "singular", "glora", "variant"],
     meta_fields=["alpha", "stack_axes", "in_axes", "out_axes", "rslora", "dropout"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +59,6 @@ class LoraFactors:
         glora: GLoRA's other support tensors (:class:`~lora_jax.GloraParts`) or None;
             ``a``, ``b`` are then its low-rank B.
         variant: the parts (a registered pytree) of a plug-in variant, or None.
-        gate: ``(r,)`` multipliers of the rank directions, ``delta W = scale * a @ (gate * b)``,
-            or None. Only an adapter bank sets it, for the length of one call (it selects
-            each example's slot among concatenated factors); the engine applies it between
-            the two products and :meth:`low_rank` folds it into ``b``.
     """
 
     a: jax.Array
@@ -77,7 +73,6 @@ class LoraFactors:
     singular: jax.Array | None = None
     glora: Any = None
     variant: Any = None
-    gate: jax.Array | None = None
 
     @property
     def rank(self) -> int:
@@ -105,13 +100,8 @@ class LoraFactors:
 
     def low_rank(self) -> tuple[jax.Array, jax.Array]:
         """``(a, b)`` with every variant's refinement folded in (e.g. AdaLoRA's singular
-        values and the ``gate`` into ``b``): ``delta W = scale * a @ b`` of these."""
-        a, b = _variant.low_rank(self)
-        if self.gate is None:
-            return a, b
-        ns = len(self.stack_axes)
-        gate = self.gate.astype(b.dtype).reshape((1,) * ns + (-1,) + (1,) * len(self.out_axes))
-        return a, b * gate
+        values into ``b``): ``delta W = scale * a @ b`` of these."""
+        return _variant.low_rank(self)
 
     def effective_b(self) -> jax.Array:
         """``b`` with the variants' refinements folded in: ``(*stack, r, *out_axes)``."""
@@ -120,9 +110,7 @@ class LoraFactors:
 
 def bare(t: LoraFactors, a: jax.Array, b: jax.Array) -> LoraFactors:
     """Plain factors with ``t``'s static fields and the pair ``(a, b)``, no variant arrays."""
-    return dataclasses.replace(
-        t, a=a, b=b, magnitude=None, singular=None, glora=None, variant=None, gate=None
-    )
+    return dataclasses.replace(t, a=a, b=b, magnitude=None, singular=None, glora=None, variant=None)
 
 
 def require_low_rank(t: LoraFactors, path: str, what: str) -> None:

@@ -57,7 +57,7 @@ def _rank(v: Adapted) -> int:
 
 def concatenate(vals: Sequence[Any], axis: int, out_shape: Sequence[int]) -> Adapted:
     """The view ``concatenate(vals, axis)`` where at least one value is an ``Adapted``."""
-    vals = [_canonical(im.fold_gate(v)) if isinstance(v, Adapted) else v for v in vals]
+    vals = [_canonical(v) if isinstance(v, Adapted) else v for v in vals]
     adapted = [v for v in vals if isinstance(v, Adapted)]
     for v in adapted:
         _plain_parts(v)
@@ -127,7 +127,7 @@ def stack(vals: Sequence[Any], axis: int, out_shape: Sequence[int]) -> Adapted:
             _plain_parts(v)
             if not v.has_factors:
                 raise Unfactorable("stack of weights without factors")
-            lifted.append(_with_axis(_canonical(im.fold_gate(v)), axis))
+            lifted.append(_with_axis(_canonical(v), axis))
         else:
             lifted.append(jnp.expand_dims(v, axis))
     return concatenate(lifted, axis, out_shape)

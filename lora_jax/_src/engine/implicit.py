@@ -12,9 +12,7 @@ or to both (stacked-layer axes). The view equals
 ``base * col + scale * einsum(a, b)`` with letters given by those maps
 (``col`` scales the base per column: DoRA folds it into ``b`` too, GLoRA's A
 does not). ``shift`` (GLoRA's bias terms) is no part of the weight: each use
-adds it to its output, per output column. ``gate`` ``(r,)`` multiplies the rank
-directions between the two products (``a @ diag(gate) @ b``; an adapter bank's
-per-example slot choice): it spans no view axis, so views carry it unchanged.
+adds it to its output, per output column.
 """
 
 from __future__ import annotations
@@ -75,8 +73,6 @@ class Adapted:
     col_axes: AxisMap = ()
     shift: jax.Array | None = None  # per-column term added to each use's output (GLoRA's bias)
     shift_axes: AxisMap = ()
-    gate: jax.Array | None = None  # per-rank multiplier between the products (r,)
-    gate_axes: AxisMap = ()  # (None,) when a gate is present: the rank axis only
 
     @property
     def has_factors(self) -> bool:
@@ -97,14 +93,14 @@ class Adapted:
         return [n for n, m in (("a", self.a_axes), ("b", self.b_axes)) if axis in m]
 
     def parts(self):
-        """(name, array, axis map) of each factor-like array present: a, b, col, shift, gate."""
+        """(name, array, axis map) of each factor-like array present: a, b, col and shift."""
         for name in PARTS:
             arr = getattr(self, name)
             if arr is not None:
                 yield name, arr, getattr(self, name + "_axes")
 
 
-PARTS = ("a", "b", "col", "shift", "gate")
+PARTS = ("a", "b", "col", "shift")
 
 
 def _letters(n: int) -> str:
@@ -125,26 +121,9 @@ def delta(v: Adapted) -> jax.Array:
     or a use cannot be factored: this is the one place the product is formed)."""
     view = _letters(len(v.shape))
     sa, sb = factor_specs(v, view)
-    a, b = v.a.astype(v.dtype), fold_gate(v).b.astype(v.dtype)
+    a, b = v.a.astype(v.dtype), v.b.astype(v.dtype)
     d = jnp.einsum(f"{sa},{sb}->{view}", a * jnp.asarray(v.scale, v.dtype), b)
     return jnp.broadcast_to(d, v.shape)
-
-
-def rank_gate(gate: jax.Array | None, spec: str, dtype) -> jax.Array | None:
-    """``gate`` ``(r,)`` shaped to broadcast against an array lettered ``spec`` (rank ``RANK``)."""
-    if gate is None:
-        return None
-    shape = [gate.shape[0] if c == RANK else 1 for c in spec]
-    return gate.astype(dtype).reshape(shape)
-
-
-def fold_gate(v: Adapted) -> Adapted:
-    """``v`` with its gate multiplied into ``b`` (for the code that reshapes the rank axis)."""
-    if v.gate is None:
-        return v
-    spec = "".join(RANK if ax is None else "x" for ax in v.b_axes)
-    b = v.b * rank_gate(v.gate, spec, v.b.dtype)
-    return dataclasses.replace(v, b=b, gate=None, gate_axes=())
 
 
 def broadcast_col(col: jax.Array, col_axes: AxisMap, letters: str, target: str) -> jax.Array:

@@ -240,9 +240,9 @@ def _dot(eqn: Any, p: jc.Dot, invals: Sequence[Any], ctx: Context) -> list[Any]:
         return [out]
     key = ctx.next_key()
     summed = typed_like(
-        lambda x, a, b, gate, out: lr.lowrank_dot(
+        lambda x, a, b, out: lr.lowrank_dot(
             x,
-            dataclasses.replace(w, a=a, b=b, gate=gate),
+            dataclasses.replace(w, a=a, b=b),
             x_is_lhs,
             p.dimension_numbers,
             p.preferred_element_type,
@@ -251,7 +251,7 @@ def _dot(eqn: Any, p: jc.Dot, invals: Sequence[Any], ctx: Context) -> list[Any]:
             add_to=out,
         ),
         eqn.outvars[0].aval,
-    )(x, w.a, w.b, w.gate, out)
+    )(x, w.a, w.b, out)
     return [summed]
 
 
@@ -337,8 +337,6 @@ def _ragged(eqn: Any, op: jc.RaggedDot, invals: Sequence[Any], ctx: Context) -> 
         xd = jnp.where(keep, x / jnp.asarray(1.0 - v.dropout, x.dtype), jnp.zeros((), x.dtype))
     t = lax.ragged_dot(xd, v.a.astype(x.dtype), groups[0], **kw)
     t = t * jnp.asarray(v.scale, t.dtype)
-    if v.gate is not None:
-        t = t * v.gate.astype(t.dtype)
     low = lax.ragged_dot(t, jnp.swapaxes(v.b, 1, 2).astype(t.dtype), groups[0], **kw)
     return [out + low.astype(out.dtype)]
 

@@ -15,14 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lora_jax._src.engine.implicit import (
-    RANK,
-    Adapted,
-    Unfactorable,
-    _letters,
-    factor_specs,
-    rank_gate,
-)
+from lora_jax._src.engine.implicit import RANK, Adapted, Unfactorable, _letters, factor_specs
 
 
 def contract(x: jax.Array, xs: str, f: jax.Array, fs: str, out: str, **dot_kw) -> jax.Array:
@@ -97,25 +90,22 @@ def lowrank_dot(
     t_spec = "".join(dict.fromkeys(c for c in xs + s1 if c in out or c in s2))
     specs = (xs, s1, t_spec, s2, out)
     return _two_products(
-        x, f1, f2, v.scale, v.gate, add_to, specs=specs, precision=precision, dtype=out_dtype
+        x, f1, f2, v.scale, add_to, specs=specs, precision=precision, dtype=out_dtype
     )
 
 
 @functools.partial(jax.jit, static_argnames=("specs", "precision", "dtype"))
-def _two_products(x, f1, f2, scale, gate, add_to, *, specs, precision, dtype):
-    """``add_to + scale * (((x . f1) * gate) . f2)``, einsum ``specs`` ``(xs, s1, t, s2, out)``.
+def _two_products(x, f1, f2, scale, add_to, *, specs, precision, dtype):
+    """``add_to + scale * ((x . f1) . f2)`` for the einsum ``specs`` ``(xs, s1, t, s2, out)``.
 
-    ``gate`` (``(r,)`` or None) multiplies the rank directions. The factors are cast to
-    ``x``'s dtype first. One ``jit`` per use shape: the same projection in every layer is
-    traced and linearised once (``jax.grad`` caches a jit's linearisation) instead of op by
-    op in each layer; XLA inlines the call.
+    The factors are cast to ``x``'s dtype first. One ``jit`` per use shape: the same
+    projection in every layer is traced and linearised once (``jax.grad`` caches a jit's
+    linearisation) instead of op by op in each layer; XLA inlines the call.
     """
     xs, s1, t_spec, s2, out = specs
     kw = dict(precision=precision, preferred_element_type=dtype)
     t = contract(x, xs, f1.astype(x.dtype), s1, t_spec, **kw)
     t = t * jnp.asarray(scale, t.dtype)
-    if gate is not None:
-        t = t * rank_gate(gate, t_spec, t.dtype)
     low = contract(t, t_spec, f2.astype(x.dtype).astype(t.dtype), s2, out, **kw)
     return low if add_to is None else add_to + low.astype(add_to.dtype)
 
@@ -147,8 +137,6 @@ def lowrank_conv(x: jax.Array, v: Adapted, params: dict, rng) -> jax.Array:
     t = t * jnp.asarray(v.scale, t.dtype)
     feat = dn.out_spec[1]
     t = jnp.moveaxis(t, feat, -1)
-    if v.gate is not None:
-        t = t * v.gate.astype(t.dtype)
     b = v.b if v.b_axes.index(None) == 0 else v.b.T
     y = contract(
         t, _letters(t.ndim - 1) + RANK, b.astype(t.dtype), RANK + "Y", _letters(t.ndim - 1) + "Y"

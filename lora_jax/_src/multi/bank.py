@@ -27,10 +27,55 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
+from lora_jax._src.core.explicit import explicit_spec
 from lora_jax._src.core.factors import LoraFactors, require_low_rank
 from lora_jax._src.core.trees import check_pair, leaves_with_paths
-from lora_jax._src.multi.bank_factors import BankFactors, take_slot, use_gates
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["a", "b", "scale"],
+    meta_fields=["stack_axes", "in_axes", "out_axes"],
+)
+@dataclasses.dataclass(frozen=True)
+class BankFactors:
+    """The factors of one adapted weight for every slot of a bank (shapes in the module doc)."""
+
+    a: jax.Array
+    b: jax.Array
+    scale: jax.Array
+    stack_axes: tuple[int, ...]
+    in_axes: tuple[int, ...]
+    out_axes: tuple[int, ...]
+
+    def select(self, idx: Any) -> LoraFactors:
+        """Slot ``idx``'s factors with its scale folded into ``b`` (``alpha = R``: scale 1).
+
+        A traced ``idx`` outside ``0..slots-1`` selects NaN factors (see :func:`take_slot`).
+        """
+        b = take_slot(self.b, idx)
+        b = (b.astype(jnp.float32) * take_slot(self.scale, idx).astype(jnp.float32)).astype(b.dtype)
+        r = self.a.shape[-1]
+        a = take_slot(self.a, idx)
+        return LoraFactors(a, b, float(r), self.stack_axes, self.in_axes, self.out_axes)
+
+
+def take_slot(x: jax.Array, idx: Any) -> jax.Array:
+    """``x[idx]`` along the slot axis, where an id outside ``0..slots-1`` gives NaN.
+
+    Eagerly, :func:`apply_bank` refuses such ids; under ``jit`` they cannot be checked
+    without a host sync, so instead of clamping to the last slot (the wrong adapter,
+    silently) the example gets NaN factors and hence NaN outputs (integer leaves: the
+    dtype's fill value, as ``jnp.take(mode="fill")``). Negative ids do not wrap around.
+    """
+    idx = jnp.asarray(idx)
+    idx = jnp.where(idx < 0, x.shape[0], idx)
+    spec = explicit_spec(x)
+    if spec is not None:  # on an Explicit mesh the slot's factors keep their own sharding
+        return x.at[idx].get(mode="fill", out_sharding=PartitionSpec(*spec[1:]))
+    return jnp.take(x, idx, axis=0, mode="fill")
 
 
 def _is_leaf(x: Any) -> bool:
@@ -296,11 +341,9 @@ def apply_bank(
     A scalar id runs the whole batch with one slot. Ids shaped ``(batch,)`` run
     ``jax.vmap`` over the batch axis (``in_axes``: one entry per positional argument,
     default 0 for arguments holding arrays): each example sees a batch of 1 (its axis
-    is kept with size 1). The frozen base is not batched, so each base matmul runs once for
-    the whole batch. A narrow bank (:func:`~lora_jax._src.multi.bank_factors.use_gates`)
-    shares every slot's factors side by side and gates each example's rank columns, so the
-    low-rank products are whole-batch matmuls too; a wide one gathers each example's
-    factors (batched rank-R matmuls). Outputs drop the size-1 axis 0 added per example.
+    is kept with size 1) and the slot's factors, gathered per example. The frozen base is
+    not batched, so each base matmul runs once for the whole batch and only the low-rank
+    terms are per example. Outputs drop the size-1 axis 0 added per example.
 
     Ids outside ``0..slots-1`` raise when they are concrete; traced ids (under ``jit``)
     that fall outside give that example NaN outputs (:func:`take_slot`), never another
@@ -357,29 +400,12 @@ def apply_bank(
             f"argument's batch axis (adapter_in_axes=...)."
         )
     dyn = [args[i] for i in batched]
-    leaves = bank._leaves()
-    gated = use_gates(leaves)
-    concat = [x.concatenated() if gated and isinstance(x, BankFactors) else None for x in leaves]
-    treedef = jax.tree.structure(bank.tree, is_leaf=_is_leaf)
-
-    def trainable_for(idx):
-        if not gated:
-            return bank.select(idx)
-        picked = [
-            None
-            if x is None
-            else x.gated(idx, *ab)
-            if isinstance(x, BankFactors)
-            else take_slot(x, idx)
-            for x, ab in zip(leaves, concat)
-        ]
-        return jax.tree.unflatten(treedef, picked)
 
     def one(idx, dyn_one):
         full = list(args)
         for i, a in zip(batched, dyn_one):
             full[i] = jax.tree.map(lambda x, ax=axes[i]: jnp.expand_dims(x, ax), a)
-        out = apply(frozen, trainable_for(idx), *full, **kw)
+        out = apply(frozen, bank.select(idx), *full, **kw)
         return jax.tree.map(lambda y: y[0] if y.ndim and y.shape[0] == 1 else y, out)
 
     return jax.vmap(one, in_axes=(0, [axes[i] for i in batched]))(ids, dyn)

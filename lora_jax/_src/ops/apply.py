@@ -51,7 +51,7 @@ def _implicit(path: str, w: Any, t: Any, frozen_at: Callable[[str], Any]) -> Any
         if quantised:
             return Adapted(Deferred(w), None, None, (), (), 1.0, w.shape, w.dtype, path)
         return w
-    a, b = _variant.low_rank(t)  # the gate, if any, stays apart: applied between the products
+    a, b = t.low_rank()
     terms = _variant.Terms(base=w, a=a, b=b)
     for v in _variant.present(t):  # e.g. W = base * col + B, plus a per-column output shift
         terms = v.terms(t, terms, frozen_at)
@@ -72,8 +72,6 @@ def _implicit(path: str, w: Any, t: Any, frozen_at: Callable[[str], Any]) -> Any
         dtype=w.dtype,
         path=path,
         dropout=t.dropout,
-        gate=t.gate,
-        gate_axes=(None,) if t.gate is not None else (),
     )
 
 
