@@ -49,7 +49,10 @@ from demo import make_step  # noqa: E402
 import lora_jax as lj  # noqa: E402
 from lora_jax.models import bert, llama  # noqa: E402
 
-TITLE = "Speed vs PyTorch + PEFT, one core (experiments/peft_speed.py)"
+TITLES = {  # one RESULTS.md section per workload, so running one keeps the other's figures
+    "minilm": "Speed vs PyTorch + PEFT, one core: MiniLM (experiments/peft_speed.py)",
+    "smollm2": "Speed vs PyTorch + PEFT, one core: SmolLM2-135M (experiments/peft_speed.py)",
+}
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LLAMA_TARGETS = r"layers/(attention/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
@@ -278,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(1)
     repeats = args.repeats or (2 if args.smoke else 5)
-    lines, stats = [], {}
+    parts, stats = {}, {}
     if args.only in (None, "minilm"):
         size, length = (4, 16) if args.smoke else (32, 64)
         rank, lr = 8, 2e-4
@@ -288,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
             "PyTorch + PEFT": torch_stepper(rank, lr, input_ids, mask, labels),
         }
         stats.update(s := _timing.interleaved(steppers, repeats, steps=1, warmup=2))
-        lines += [
+        parts["minilm"] = lines = [
             f"**all-MiniLM-L6-v2**, LoRA r={rank} alpha {2 * rank} on query/value + 2-way head, "
             f"batch {size} x {length} tokens, AdamW, no dropout:",
             "",
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
             stats.update(s := _timing.interleaved(steppers, repeats, steps=1, warmup=1))
         ours, peft = "SmolLM2 lora_jax LoRA", "SmolLM2 PyTorch + PEFT LoRA"
         qours, qpeft = "SmolLM2 lora_jax QLoRA (NF4 base)", "SmolLM2 PyTorch + PEFT QLoRA (bnb NF4)"
-        lines += [
+        parts["smollm2"] = lines = [
             f"**SmolLM2-135M** ({'tiny random Llama' if args.smoke else GGUF + ', float32'}), "
             f"LoRA r={rank} alpha {2 * rank} on q, k, v, o, gate, up, down, batch {bsz} x {seq} "
             f"tokens (the same fixed-seed token ids on both sides), AdamW:",
@@ -327,17 +330,18 @@ def main(argv: list[str] | None = None) -> dict:
         if qpeft in s:
             lines.append(ratio_line(s, qours, qpeft, "SmolLM2 QLoRA, lora_jax over PEFT + bnb"))
         lines += [bnb_note, ""]
-    lines.append(
+    footer = (
         f"One core: the process is pinned with os.sched_setaffinity(0, {{{_timing.PINNED_CORE}}}), "
         f"torch.set_num_threads(1), XLA_FLAGS={os.environ['XLA_FLAGS']!r}; every configuration "
         f"stepped in turn, median of {repeats} rounds after warm-up; torch {torch.__version__}, "
         f"jax {jax.__version__}. Contention: {_timing.contention()}."
     )
-    body = "\n".join(lines)
-    print(body)
-    if not (args.smoke or args.no_write):
-        cmd = "python experiments/peft_speed.py" + (f" --only {args.only}" if args.only else "")
-        write_section(TITLE, cmd, body)
+    cmd = "python experiments/peft_speed.py" + (f" --only {args.only}" if args.only else "")
+    for name, lines in parts.items():
+        body = "\n".join(lines + [footer])
+        print(body)
+        if not (args.smoke or args.no_write):
+            write_section(TITLES[name], cmd, body)
     return stats
 
 
