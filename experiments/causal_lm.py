@@ -398,12 +398,14 @@ def main() -> None:
     quote = lambda s: "> " + s.replace("\n", "\n> ")  # noqa: E731
     table = "\n".join(
         f"| {n} | {c[0][1]:.3f} | {c[-1][1]:.3f} | {math.exp(c[-1][1]):.1f} | "
-        f"{np.median(w[1:]):.2f} | {np.median(p[1:]):.2f} |"
+        f"{np.median(w[1:]):.2f} | {np.median(p[1:]):.2f} | "
+        f"{np.median(p[1:]) / np.median(w[1:]):.2f} |"
         for n, c, w, p in rows
     )
     body = (
         f"| run | held-out loss before | after {steps} steps | perplexity after | "
-        f"wall s/step | CPU s/step |\n|---|---:|---:|---:|---:|---:|\n{table}\n\n"
+        f"wall s/step | CPU s/step | cores used |\n|---|---:|---:|---:|---:|---:|---:|\n"
+        f"{table}\n\n"
         f"{'One process' if args.smoke else 'One process pinned to one core'}; medians "
         f"over steps 2..{steps}; the runs are sequential, so say what else ran on the "
         f"machine when quoting times (CPU s/step is the steadier figure). Held out: "
