@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing  # noqa: E402
 
 _timing.pin_one_core()  # before jax starts its threads
+HEAP = _timing.heap_for_timing(sys.argv)  # before any thread allocates
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 )
@@ -108,6 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model, prints only")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--system-malloc", action="store_true", help="leave glibc malloc as it is")
     args = ap.parse_args()
     cfg, batch, seq, rank = (SMOKE, 8, 8, 2) if args.smoke else (gpt.BENCH, 64, 32, 8)
     counts = (1, 2, 8) if args.smoke else (1, 8, 64)
@@ -174,7 +176,8 @@ def main() -> None:
         "",
         f"Model {cfg}; LoRA r={rank} on q, k, v, o, fc1, fc2; batch {batch} x {seq} tokens, "
         f"example i uses adapter 1 + i mod N; median of {repeats} interleaved rounds after a "
-        f"warm-up, process CPU time, one core. Contention: {_timing.contention()}. "
+        f"warm-up, process CPU time, one core; memory: {HEAP}. "
+        f"Contention: {_timing.contention()}. "
         f"Max |bank - merged loop| over the logits with "
         f"{max(counts)} adapters: "
         f"{check:.1e}.",
@@ -184,9 +187,10 @@ def main() -> None:
     if not args.smoke:
         from _results import write_section
 
+        system = ", glibc's default malloc" if args.system_malloc else ""
         write_section(
-            "Adapter bank (experiments/bank_throughput.py)",
-            "python experiments/bank_throughput.py",
+            "Adapter bank (experiments/bank_throughput.py)" + system,
+            "python experiments/bank_throughput.py" + " --system-malloc" * args.system_malloc,
             body,
         )
 

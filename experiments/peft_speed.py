@@ -17,6 +17,7 @@ so "cores used" = CPU / wall shows what each framework really used). Two workloa
     python experiments/peft_speed.py                  # both workloads, writes RESULTS.md
     python experiments/peft_speed.py --only minilm    # one workload
     python experiments/peft_speed.py --smoke          # tiny shapes, seconds, prints only
+    python experiments/peft_speed.py --system-malloc  # without _timing.keep_freed_memory
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import _timing  # noqa: E402
 
 _timing.pin_one_core()  # before jax and torch create their threads
+HEAP = _timing.heap_for_timing(sys.argv)  # before any thread allocates
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 )
@@ -276,6 +278,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only", choices=["minilm", "smollm2"], help="run one workload")
     p.add_argument("--repeats", type=int, help="interleaved rounds (default 5, smoke 2)")
     p.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    p.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc malloc as it is (XLA then re-maps its temporary buffer every step)",
+    )
     args = p.parse_args(argv)
     import torch
 
@@ -334,14 +341,17 @@ def main(argv: list[str] | None = None) -> dict:
         f"One core: the process is pinned with os.sched_setaffinity(0, {{{_timing.PINNED_CORE}}}), "
         f"torch.set_num_threads(1), XLA_FLAGS={os.environ['XLA_FLAGS']!r}; every configuration "
         f"stepped in turn, median of {repeats} rounds after warm-up; torch {torch.__version__}, "
-        f"jax {jax.__version__}. Contention: {_timing.contention()}."
+        f"jax {jax.__version__}; memory: {HEAP}, for both sides. "
+        f"Contention: {_timing.contention()}."
     )
     cmd = "python experiments/peft_speed.py" + (f" --only {args.only}" if args.only else "")
+    cmd += " --system-malloc" * args.system_malloc
     for name, lines in parts.items():
         body = "\n".join(lines + [footer])
         print(body)
         if not (args.smoke or args.no_write):
-            write_section(TITLES[name], cmd, body)
+            title = TITLES[name] + (", glibc's default malloc" if args.system_malloc else "")
+            write_section(title, cmd, body)
     return stats
 
 

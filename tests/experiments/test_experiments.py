@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 sys.path.insert(0, EXPERIMENTS)
 
+import _timing  # noqa: E402
 import causal_lm  # noqa: E402
 import intrinsic_rank  # noqa: E402
 import zero_overhead  # noqa: E402
@@ -49,6 +50,21 @@ def numbers(line: str) -> list[float]:
 def lora_count(d: int, k: int, r: int) -> int:
     """Independent count: a rank-r update of a d x k matrix trains r (d + k) values."""
     return r * (d + k)
+
+
+def test_interleaved_rotates_the_order():
+    """Each round starts one configuration later, so none always follows the same one."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    stats = _timing.interleaved(fns, repeats=4, steps=2, warmup=2)
+    rounds = ["".join(calls[i : i + 6 : 2]) for i in range(0, len(calls), 6)]
+    assert rounds == ["abc", "bca", "cab", "abc", "bca", "cab"]
+    assert all(len(t.wall) == len(t.cpu) == 4 for t in stats.values())  # warm-up not kept
+
+
+def test_system_malloc_flag_leaves_malloc_alone(monkeypatch):
+    monkeypatch.setattr(_timing, "keep_freed_memory", lambda: pytest.fail("mallopt called"))
+    assert _timing.heap_for_timing(["x.py", "--system-malloc"]) == "glibc's default malloc"
 
 
 def test_param_table_smoke():
