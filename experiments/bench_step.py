@@ -27,6 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing  # noqa: E402
 
 _timing.pin_one_core()  # before jax starts its threads
+# Before any thread allocates. Only the timing process: the --only children measure RSS,
+# which a heap that keeps freed memory would inflate by the step's temporary buffer.
+HEAP = "glibc's default malloc" if "--only" in sys.argv else _timing.heap_for_timing(sys.argv)
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 )
@@ -158,6 +161,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--only", help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    ap.add_argument("--system-malloc", action="store_true", help="leave glibc malloc as it is")
     args = ap.parse_args()
     cfg, batch, seq = (SMOKE, 2, 8) if args.smoke else (gpt.BENCH, 4, 128)
     repeats = args.repeats or (3 if args.smoke else 20)
@@ -197,7 +201,8 @@ def main() -> None:
     body = "\n".join(rows) + (
         f"\n\n{n_params:,} parameters, {n_train:,} trainable (LoRA r = 8 on q, k, v, o, fc1, fc2); "
         f"ratios of median process CPU time over {repeats} interleaved steps after 2 warm-up "
-        f"rounds, one core. Contention: {_timing.contention()}.\n\n"
+        f"rounds, one core; memory of the timing process: {HEAP}. "
+        f"Contention: {_timing.contention()}.\n\n"
         f"Factored compile time / materialized: {compile_ratio:.2f}.\n"
         f"Memory, full - factored: compiled {saved_mib:.0f} MiB, "
         f"RSS {mem['full'] - mem['factored']:.0f} MiB "
@@ -214,7 +219,9 @@ def main() -> None:
         from _results import write_section
 
         cmd = "python experiments/bench_step.py" + (" --smoke" if args.smoke else "")
-        write_section("Training step (experiments/bench_step.py)", cmd, body)
+        cmd += " --system-malloc" * args.system_malloc
+        title = "Training step (experiments/bench_step.py)"
+        write_section(title + ", glibc's default malloc" * args.system_malloc, cmd, body)
 
 
 if __name__ == "__main__":
