@@ -68,14 +68,34 @@ def keep_freed_memory() -> bool:
         return False
 
 
+DEFAULT_HEAP = "glibc's default malloc"
+
+
 def heap_for_timing(argv: list[str]) -> str:
     """:func:`keep_freed_memory` unless ``--system-malloc`` is in ``argv``; says which ran.
 
-    Call it at the top of a script, before jax or torch start their threads.
+    Call it at the top of a script, before jax or torch start their threads (so before
+    argparse: the script declares the flag with :func:`add_system_malloc_flag`).
     """
     if "--system-malloc" not in argv and keep_freed_memory():
         return HEAP_SETTINGS
-    return "glibc's default malloc"
+    return DEFAULT_HEAP
+
+
+def add_system_malloc_flag(parser) -> None:
+    """Declare ``--system-malloc`` (read early by :func:`heap_for_timing`) on ``parser``."""
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc malloc as it is (XLA:CPU then re-maps its temporary buffer every step)",
+    )
+
+
+def results_names(title: str, command: str, system_malloc: bool) -> tuple[str, str]:
+    """The RESULTS.md section title and command of a run: default-malloc runs get their own."""
+    if not system_malloc:
+        return title, command
+    return f"{title}, {DEFAULT_HEAP}", f"{command} --system-malloc"
 
 
 def cores_allowed() -> int:

@@ -109,7 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model, prints only")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--system-malloc", action="store_true", help="leave glibc malloc as it is")
+    _timing.add_system_malloc_flag(ap)
     args = ap.parse_args()
     cfg, batch, seq, rank = (SMOKE, 8, 8, 2) if args.smoke else (gpt.BENCH, 64, 32, 8)
     counts = (1, 2, 8) if args.smoke else (1, 8, 64)
@@ -187,12 +187,12 @@ def main() -> None:
     if not args.smoke:
         from _results import write_section
 
-        system = ", glibc's default malloc" if args.system_malloc else ""
-        write_section(
-            "Adapter bank (experiments/bank_throughput.py)" + system,
-            "python experiments/bank_throughput.py" + " --system-malloc" * args.system_malloc,
-            body,
+        title, cmd = _timing.results_names(
+            "Adapter bank (experiments/bank_throughput.py)",
+            "python experiments/bank_throughput.py",
+            args.system_malloc,
         )
+        write_section(title, cmd, body)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import _timing  # noqa: E402
 _timing.pin_one_core()  # before jax starts its threads
 # Before any thread allocates. Only the timing process: the --only children measure RSS,
 # which a heap that keeps freed memory would inflate by the step's temporary buffer.
-HEAP = "glibc's default malloc" if "--only" in sys.argv else _timing.heap_for_timing(sys.argv)
+HEAP = _timing.DEFAULT_HEAP if "--only" in sys.argv else _timing.heap_for_timing(sys.argv)
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 )
@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--only", help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
-    ap.add_argument("--system-malloc", action="store_true", help="leave glibc malloc as it is")
+    _timing.add_system_malloc_flag(ap)
     args = ap.parse_args()
     cfg, batch, seq = (SMOKE, 2, 8) if args.smoke else (gpt.BENCH, 4, 128)
     repeats = args.repeats or (3 if args.smoke else 20)
@@ -219,9 +219,8 @@ def main() -> None:
         from _results import write_section
 
         cmd = "python experiments/bench_step.py" + (" --smoke" if args.smoke else "")
-        cmd += " --system-malloc" * args.system_malloc
         title = "Training step (experiments/bench_step.py)"
-        write_section(title + ", glibc's default malloc" * args.system_malloc, cmd, body)
+        write_section(*_timing.results_names(title, cmd, args.system_malloc), body)
 
 
 if __name__ == "__main__":

@@ -278,11 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only", choices=["minilm", "smollm2"], help="run one workload")
     p.add_argument("--repeats", type=int, help="interleaved rounds (default 5, smoke 2)")
     p.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
-    p.add_argument(
-        "--system-malloc",
-        action="store_true",
-        help="leave glibc malloc as it is (XLA then re-maps its temporary buffer every step)",
-    )
+    _timing.add_system_malloc_flag(p)
     args = p.parse_args(argv)
     import torch
 
@@ -345,13 +341,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"Contention: {_timing.contention()}."
     )
     cmd = "python experiments/peft_speed.py" + (f" --only {args.only}" if args.only else "")
-    cmd += " --system-malloc" * args.system_malloc
     for name, lines in parts.items():
         body = "\n".join(lines + [footer])
         print(body)
         if not (args.smoke or args.no_write):
-            title = TITLES[name] + (", glibc's default malloc" if args.system_malloc else "")
-            write_section(title, cmd, body)
+            write_section(*_timing.results_names(TITLES[name], cmd, args.system_malloc), body)
     return stats
 
 

@@ -67,6 +67,14 @@ def test_system_malloc_flag_leaves_malloc_alone(monkeypatch):
     assert _timing.heap_for_timing(["x.py", "--system-malloc"]) == "glibc's default malloc"
 
 
+def test_default_malloc_runs_get_their_own_results_section():
+    assert _timing.results_names("T", "python x.py", False) == ("T", "python x.py")
+    assert _timing.results_names("T", "python x.py", True) == (
+        "T, glibc's default malloc",
+        "python x.py --system-malloc",
+    )
+
+
 def test_param_table_smoke():
     out = run_smoke("param_table.py")
     assert "4096 x 4096 matrix, r = 8: 65,536 trainable vs 16,777,216 (256x fewer)" in out
