@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -21,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 sys.path.insert(0, EXPERIMENTS)
 
+import _results  # noqa: E402
 import _timing  # noqa: E402
 import causal_lm  # noqa: E402
 import intrinsic_rank  # noqa: E402
@@ -73,6 +75,17 @@ def test_default_malloc_runs_get_their_own_results_section():
         "T, glibc's default malloc",
         "python x.py --system-malloc",
     )
+
+
+def test_results_stamp_names_the_cpu_model(monkeypatch, tmp_path):
+    """Sessions land on different CPUs: the stamp must name the model and its vector ISA."""
+    info = "processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: fpu sse avx avx2 fma\n"
+    real = pathlib.Path.read_text
+    fake = lambda self, *a, **k: info if str(self) == "/proc/cpuinfo" else real(self, *a, **k)  # noqa: E731
+    monkeypatch.setattr(pathlib.Path, "read_text", fake)
+    assert _results.cpu_name() == "Example CPU 9000 (avx2)"
+    _results.write_section("T", "python x.py", "body", path=tmp_path / "R.md")
+    assert "Example CPU 9000 (avx2), " in (tmp_path / "R.md").read_text()
 
 
 def test_param_table_smoke():

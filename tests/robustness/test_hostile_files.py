@@ -11,15 +11,11 @@ files) counts inputs tried, clean refusals, loads, crashes and hangs.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import pickle
-import re
 import shutil
 import signal
 import struct
-import subprocess
-import sys
 import time
 import tracemalloc
 import zipfile
@@ -401,8 +397,10 @@ BERT_DAMAGE = {
 }
 
 ORBAX_DAMAGE = {
-    "truncated-array": (lambda c: _truncate(_orbax_data_file(c)), r"c/arrays"),
-    "flipped-array": (lambda c: _flip(_orbax_data_file(c)), r"c/arrays"),
+    # Refused from the file list before orbax reads (a failed concurrent read in orbax
+    # crashed the process later in about 1 load in 8: lora_jax/_src/io/file_manifest.py).
+    "truncated-array": (lambda c: _truncate(_orbax_data_file(c)), r"c/arrays/\S+ has \d+ bytes"),
+    "flipped-array": (lambda c: _flip(_orbax_data_file(c)), r"c/arrays/\S+ does not match"),
     "meta-absurd-shape": (
         _meta_edit(
             lambda m: (
@@ -460,7 +458,7 @@ ORBAX_DAMAGE = {
     ),
     "arrays-missing": (
         lambda c: shutil.rmtree(c / "arrays"),
-        r"cannot read adapter arrays in .*c/arrays",
+        r"c/arrays/\S+ is missing",
     ),
 }
 
@@ -489,40 +487,11 @@ def test_broken_hf_folder_is_refused(tmp_path, name):
         bert.load(folder)
 
 
-# Damaged array files are loaded in a child process that leaves with os._exit right after
-# the refusal. When one of orbax's concurrent array reads fails, it abandons the others'
-# coroutines while tensorstore still reads for them; collecting those coroutines later
-# crashed the process with SIGSEGV in about 1 run in 8 (orbax-checkpoint 0.12.8,
-# tensorstore 0.1.85 and 0.1.86, 2026-12-02). The refusal itself is what is tested here.
-_REFUSE_IN_CHILD = """
-import os, sys, tracemalloc
-import lora_jax as lj
-tracemalloc.start()
-try:
-    lj.load_adapters(sys.argv[1])
-    print("loaded")
-except ValueError as e:
-    print(f"refused {tracemalloc.get_traced_memory()[1]} {e}")
-sys.stdout.flush()
-os._exit(0)
-"""
-
-
 @pytest.mark.parametrize("name", list(ORBAX_DAMAGE), ids=list(ORBAX_DAMAGE))
 def test_broken_orbax_checkpoint_is_refused(tmp_path, name):
     damage, match = ORBAX_DAMAGE[name]
     c = write_orbax(tmp_path / "c")
     damage(c)
-    if name.endswith("-array"):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
-        out = subprocess.run(
-            [sys.executable, "-c", _REFUSE_IN_CHILD, str(c)],
-            capture_output=True, text=True, timeout=300, env=env,
-        )  # fmt: skip
-        assert out.returncode == 0 and out.stdout.startswith("refused "), out.stdout + out.stderr
-        peak, message = out.stdout.split(" ", 2)[1:]
-        assert re.search(match, message) and int(peak) < 64 << 20, message
-        return
     tracemalloc.start()
     try:
         with pytest.raises(ValueError, match=match):

@@ -9,7 +9,10 @@ A checkpoint is an orbax composite directory with two items:
   them), the static fields of every :class:`~lora_jax.LoraFactors`, the rules,
   a fingerprint of the frozen base (paths, shapes, dtypes, optional content
   hash), a SHA-256 digest of every array, the step, user metadata and
-  ``lora_jax.__version__``.
+  ``lora_jax.__version__``;
+
+and beside them ``lora_jax_files.json``, the size and SHA-256 of every file of
+``arrays``, checked before orbax reads any (:mod:`lora_jax._src.io.file_manifest`).
 
 Saves are atomic: orbax writes to a temporary directory and renames it, and an
 existing checkpoint is only replaced once the new one is complete. With several
@@ -54,6 +57,7 @@ from lora_jax._src.io.ckpt_meta import (
 from lora_jax._src.io.ckpt_meta import (
     fingerprint as fingerprint,  # public: lj.checkpoint.fingerprint
 )
+from lora_jax._src.io.file_manifest import check_manifest, write_manifest
 from lora_jax._src.io.safe_ckpt import (
     check_adapter_meta,
     check_meta_size,
@@ -128,6 +132,7 @@ def _pack(trainable, rules, base, step, metadata) -> tuple[dict, dict]:
 
 
 def _unpack(restore: Callable[[Any], dict], where: str, like: Any, base: Any) -> Any:
+    check_manifest(pathlib.Path(where))  # before orbax reads a damaged file (see file_manifest)
     try:
         meta = restore(ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
@@ -250,7 +255,8 @@ def save_adapters(
     suffix = _shared_suffix()
     staging = path.with_name(f"{path.name}.saving-{suffix}")
     _checkpointer().save(staging, args=_composite(arrays, meta))
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # every process's files are written once save returns
+        write_manifest(staging)
         replace_dir(staging, path, suffix)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"lora_jax.save_adapters:{path}:{suffix}")

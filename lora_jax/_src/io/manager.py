@@ -6,7 +6,10 @@ when an optimiser state or ``extra`` is given, ``state`` and ``train``
 (:mod:`lora_jax._src.io.train_state`). orbax writes a step to a temporary directory and
 renames it once complete, so a save killed at any point leaves the previous steps as they
 were and the half-written one is never listed; saves run in a background thread (the call
-returns once the arrays are copied to host memory).
+returns once the arrays are copied to host memory). Once a step is on disk (the next
+:meth:`save`, :meth:`wait_until_finished`, :meth:`close` or listing of steps) process 0
+lists its array files with their SHA-256 (:mod:`lora_jax._src.io.file_manifest`); a step whose
+process was killed before that is restored unchecked, as checkpoints of older versions are.
 
 One manager writes to a directory at a time: process 0 holds an ``flock`` on
 ``<directory>/.lora_jax.lock`` from its first save until :meth:`close`.
@@ -27,6 +30,7 @@ from jax.experimental import multihost_utils
 
 from lora_jax._src.core.rules import LoraRule
 from lora_jax._src.io.checkpoint import _pack, _unpack
+from lora_jax._src.io.file_manifest import write_manifest
 from lora_jax._src.io.safe_ckpt import check_meta_size
 from lora_jax._src.io.safe_io import check_declared_bytes
 from lora_jax._src.io.train_state import (
@@ -217,6 +221,12 @@ class AdapterCheckpointManager:
             self._mgr.wait_until_finished()
         except Exception as e:
             raise self._save_error(self._pending, e) from e
+        step, self._pending = self._pending, None
+        if step is not None and jax.process_index() == 0 and (self.directory / str(step)).is_dir():
+            try:
+                write_manifest(self.directory / str(step))  # its files, checked at restore
+            except OSError as e:
+                raise self._save_error(step, e) from e
 
     def close(self) -> None:
         """Finish the pending save, release the directory lock and orbax's threads."""
