@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 from typing import NamedTuple
 
 import jax
@@ -212,6 +213,23 @@ def test_corrupted_checkpoint_raises(tmp_path, damage, match):
     damage(tmp_path / "c")
     with pytest.raises(ValueError, match=match):
         lj.load_adapters(tmp_path / "c")
+
+
+def test_arrays_that_read_cleanly_but_differ_fail_their_digest(tmp_path):
+    """Valid array files of another save (file list and all) under this save's meta.
+
+    orbax reads them without error, so only the per-array SHA-256 in ``meta`` sees it.
+    """
+    params = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((64, 32), np.float32))}
+    rules = [lj.LoraRule("w", rank=4)]
+    frozen, trainable = lj.split(params, rules, key=jax.random.key(0))
+    c = lj.save_adapters(tmp_path / "c", _nonzero(trainable, 1), rules=rules, base=frozen)
+    other = lj.save_adapters(tmp_path / "o", _nonzero(trainable, 2), rules=rules, base=frozen)
+    shutil.rmtree(c / "arrays")
+    shutil.copytree(other / "arrays", c / "arrays")
+    shutil.copy(other / "lora_jax_files.json", c / "lora_jax_files.json")
+    with pytest.raises(ValueError, match=r"c/arrays is corrupted: 'w' \(b\) does not match"):
+        lj.load_adapters(c)
 
 
 def test_missing_directory_raises(tmp_path):
