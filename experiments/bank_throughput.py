@@ -172,7 +172,9 @@ def main() -> None:
             f"{n} adapter(s): BGMV {1e3 * k['bgmv']:.2f} ms, ragged_dot {1e3 * k['sgmv']:.2f} ms"
             for n, k in kernels.items()
         )
-        + ". The bank uses BGMV (vmap with factors gathered per example).",
+        + ". The bank uses BGMV (vmap with factors gathered per example) for mixed ids; "
+        "when every example has the same slot (the 1-adapter row) it runs the batch as one "
+        "call with that slot's factors (lax.cond at run time).",
         "",
         f"Model {cfg}; LoRA r={rank} on q, k, v, o, fc1, fc2; batch {batch} x {seq} tokens, "
         f"example i uses adapter 1 + i mod N; median of {repeats} interleaved rounds after a "

@@ -22,24 +22,32 @@ Outputs under ``--out``: ``loss_curve.png``, ``losses.json``, ``adapter/`` (PEFT
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
 import sys
-import tempfile
-import time
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
-import lora_jax as lj
-from lora_jax.models import llama
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _timing  # noqa: E402
+
+HEAP = _timing.DEFAULT_HEAP
+if __name__ == "__main__" and "--smoke" not in sys.argv:  # not when the tests import it
+    _timing.pin_one_core()  # one core for every timed side, before jax and torch start threads
+    HEAP = _timing.heap_for_timing(sys.argv)  # before any thread allocates
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
 import data  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import lora_jax as lj  # noqa: E402
+from lora_jax.models import llama  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = r"layers/(attention|mlp)/\w+/kernel"  # q, k, v, o, gate, up, down
@@ -324,9 +332,8 @@ def main() -> None:
         "--torch-qlora-only", action="store_true",
         help="only the PyTorch + PEFT + bitsandbytes QLoRA run (prints its row)",
     )  # fmt: skip
+    _timing.add_system_malloc_flag(ap)
     args = ap.parse_args()
-    if not args.smoke and hasattr(os, "sched_setaffinity") and 1 in os.sched_getaffinity(0):
-        os.sched_setaffinity(0, {1})  # one core for every timed side (the machine is shared)
     steps = args.steps or (25 if args.smoke else 150)
     seq, batch, new_tokens, n_eval = (32, 4, 40, 8) if args.smoke else (64, 4, 60, 32)
     peak_lr, rank, alpha = (1e-2 if args.smoke else 1e-3), 16, 32.0
@@ -406,10 +413,10 @@ def main() -> None:
         f"| run | held-out loss before | after {steps} steps | perplexity after | "
         f"wall s/step | CPU s/step | cores used |\n|---|---:|---:|---:|---:|---:|---:|\n"
         f"{table}\n\n"
-        f"{'One process' if args.smoke else 'One process pinned to one core'}; medians "
-        f"over steps 2..{steps}; the runs are sequential, so say what else ran on the "
-        f"machine when quoting times (CPU s/step is the steadier figure). Held out: "
-        f"{n_eval} windows of {seq} tokens from the last 10% of "
+        f"{'One process' if args.smoke else 'One process pinned to one core'}; memory: "
+        f"{HEAP}; medians over steps 2..{steps}; the runs are sequential, so say what "
+        f"else ran on the machine when quoting times (CPU s/step is the steadier figure). "
+        f"Held out: {n_eval} windows of {seq} tokens from the last 10% of "
         f"hamlet.txt ({len(train_ids):,} train / {len(test_ids):,} held-out tokens); batch "
         f"{batch} x {seq} tokens; LoRA r={rank}, alpha={alpha:g} on q, k, v, o, gate, up, "
         f"down of all {config.num_hidden_layers} layers ({summary.trainable_params:,} of "
@@ -428,7 +435,8 @@ def main() -> None:
         from _results import write_section
 
         cmd = "python experiments/causal_lm.py" + (f" --steps {args.steps}" if args.steps else "")
-        write_section("Causal LM: LoRA and QLoRA beside PEFT (experiments/causal_lm.py)", cmd, body)
+        title = "Causal LM: LoRA and QLoRA beside PEFT (experiments/causal_lm.py)"
+        write_section(*_timing.results_names(title, cmd, args.system_malloc), body)
 
 
 if __name__ == "__main__":

@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Contention: {_timing.contention()}."
     )
     cmd = "python experiments/peft_speed.py" + (f" --only {args.only}" if args.only else "")
+    cmd += f" --repeats {args.repeats}" if args.repeats else ""
     for name, lines in parts.items():
         body = "\n".join(lines + [footer])
         print(body)

@@ -8,8 +8,8 @@ unmerged forward ``lj.lora_apply(fn)(frozen, trainable, ...)``, which computes
 Workloads: all-MiniLM-L6-v2 (real weights), batch 32 x 64 tokens, LoRA r = 8 on query/value;
 ``gpt.BENCH`` (4 layers, d_model 512, batch 4 x 128 tokens), LoRA r = 8 on q, k, v, o, fc1, fc2.
 The factors ``b`` are set to random values so the merged weights differ from the base. One
-compute thread; the three forwards run interleaved, and per-round ratios are summarised by
-their median and quartiles.
+process pinned to one core; the three forwards run interleaved, and the per-round ratios of
+process CPU time are summarised by their median and quartiles.
 
     python experiments/zero_overhead.py           # writes RESULTS.md
     python experiments/zero_overhead.py --smoke   # tiny models, prints
@@ -18,26 +18,31 @@ their median and quartiles.
 from __future__ import annotations
 
 import os
+import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _timing  # noqa: E402
+
+HEAP = _timing.DEFAULT_HEAP
+if __name__ == "__main__":  # not when the tests import the workloads
+    _timing.pin_one_core()  # before jax starts its threads
+    HEAP = _timing.heap_for_timing(sys.argv)  # before any thread allocates
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 )
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
 import zlib  # noqa: E402
 
+import data  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
 from lora_jax.models import bert, gpt  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import data  # noqa: E402
 
 SMOKE_BERT = bert.BertConfig(
     vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
@@ -104,23 +109,18 @@ def workloads(smoke: bool) -> dict[str, dict]:
     return out
 
 
-def measure(work: dict, repeats: int, warmup: int = 2) -> dict[str, np.ndarray]:
-    """Seconds per call of each variant, ``(repeats,)``, the variants interleaved."""
-    names = ("base", "merged", "unmerged")
-    times = {k: [] for k in names}
-    for i in range(warmup + repeats):
-        for k in names:
-            fn, args = work[k]
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            if i >= warmup:
-                times[k].append(time.perf_counter() - t0)
-    return {k: np.asarray(v) for k, v in times.items()}
+VARIANTS = ("base", "merged", "unmerged")
 
 
-def ratio(num: np.ndarray, den: np.ndarray) -> tuple[float, float, float]:
+def measure(work: dict, repeats: int, warmup: int = 2) -> dict[str, _timing.Timing]:
+    """Wall and process CPU seconds per call of each variant, the variants interleaved."""
+    fns = {k: (lambda fn=work[k][0], args=work[k][1]: fn(*args)) for k in VARIANTS}
+    return _timing.interleaved(fns, repeats, warmup=warmup)
+
+
+def ratio(num: list[float], den: list[float]) -> tuple[float, float, float]:
     """Median and quartiles of the per-round ratios ``num / den``."""
-    q = np.percentile(num / den, [50, 25, 75])
+    q = np.percentile(np.asarray(num) / np.asarray(den), [50, 25, 75])
     return float(q[0]), float(q[1]), float(q[2])
 
 
@@ -128,25 +128,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny models, few repeats")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 30)")
+    _timing.add_system_malloc_flag(ap)
     args = ap.parse_args()
     repeats = args.repeats or (3 if args.smoke else 30)
     lines = [
-        "| model | workload | base (ms) | merged / base [IQR] | unmerged / merged [IQR] |",
-        "|---|---|---:|---:|---:|",
+        "| model | workload | base wall ms | base CPU ms | cores used "
+        "| merged / base [IQR] | unmerged / merged [IQR] |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, work in workloads(args.smoke).items():
         t = measure(work, repeats)
-        m, lo, hi = ratio(t["merged"], t["base"])
-        u, ulo, uhi = ratio(t["unmerged"], t["merged"])
+        m, lo, hi = ratio(t["merged"].cpu, t["base"].cpu)
+        u, ulo, uhi = ratio(t["unmerged"].cpu, t["merged"].cpu)
+        base = t["base"]
         lines.append(
-            f"| {name} | {work['note']} | {1e3 * np.median(t['base']):.1f} "
+            f"| {name} | {work['note']} | {1e3 * base.median_wall:.1f} "
+            f"| {1e3 * base.median_cpu:.1f} | {base.cores:.2f} "
             f"| {m:.3f} [{lo:.3f}, {hi:.3f}] | {u:.3f} [{ulo:.3f}, {uhi:.3f}] |"
         )
     body = "\n".join(lines) + (
-        f"\n\nMedian over {repeats} interleaved rounds after 2 warm-up rounds, one compute "
-        "thread (XLA_FLAGS=--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1), "
-        "float32. The merged model runs the same compiled program on different numbers, so "
-        "merged / base is 1 up to timing noise; unmerged keeps the adapter branch."
+        f"\n\nRatios of process CPU time per forward, median and quartiles over {repeats} "
+        "interleaved rounds after 2 warm-up rounds; one process pinned to one core "
+        f"(os.sched_setaffinity), one compute thread, float32; memory: {HEAP}. "
+        f"Contention: {_timing.contention()}. The merged model runs the same compiled "
+        "program on different numbers, so merged / base is 1 up to timing noise; unmerged "
+        "keeps the adapter branch."
     )
     print(body)
     if not args.smoke:
@@ -155,7 +161,8 @@ def main() -> None:
         cmd = "python experiments/zero_overhead.py" + (
             f" --repeats {args.repeats}" if args.repeats else ""
         )
-        write_section("Inference overhead (experiments/zero_overhead.py)", cmd, body)
+        title = "Inference overhead (experiments/zero_overhead.py)"
+        write_section(*_timing.results_names(title, cmd, args.system_malloc), body)
 
 
 if __name__ == "__main__":

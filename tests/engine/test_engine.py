@@ -1,5 +1,6 @@
 """The factored engine: structure of the compiled step, fallbacks, dropout, control flow."""
 
+import re
 import warnings
 
 import jax
@@ -67,6 +68,25 @@ def test_factored_step_needs_less_temporary_memory():
         if isinstance(t, lj.LoraFactors)
     )
     assert temps[True] - temps[False] >= adapted_bytes, temps
+
+
+def test_gradient_of_a_is_contracted_rank_first():
+    """XLA:CPU runs ``x^T . dt`` into (d, r) outside its fast matmul library (5-10x slower):
+    the compiled gradient of ``a`` must be ``dt^T . x`` into (r, d), which the optimisation
+    barrier in ``lowrank.contract`` keeps XLA from folding back."""
+    n, d, k, r = 64, 48, 40, 4
+    w = jax.random.normal(jax.random.key(0), (d, k))
+    x = jax.random.normal(jax.random.key(1), (n, d))
+    rule = lj.LoraRule("w", rank=r, in_axes=(0,))
+    frozen, trainable = lj.split({"w": w}, [rule], key=jax.random.key(2))
+    trainable = random_factors(trainable, jax.random.key(3))
+    loss = lambda t: jnp.sum(lj.lora_apply(lambda p, x: x @ p["w"])(frozen, t, x) ** 2)
+    hlo = jax.jit(jax.grad(loss)).lower(trainable).compile().as_text()
+    dots = set()  # (rows, columns) as laid out in memory: XLA may pick a column-major output
+    for m, n, minor, _ in re.findall(r"= f32\[(\d+),(\d+)\]\{(\d),(\d)\} dot\(", hlo):
+        dots.add((int(m), int(n)) if minor == "1" else (int(n), int(m)))
+    assert (r, d) in dots, sorted(dots)
+    assert (d, r) not in dots, sorted(dots)
 
 
 def test_factored_step_matches_materialized_step():

@@ -122,7 +122,7 @@ def test_zero_overhead_smoke():
         # Each cell is "median [min, max]" of a time ratio. No speed band: ratios are
         # measured while the other test worker runs (unmerged read 3.2x once, 1.5-2x idle),
         # so the smoke run checks the table is complete and consistent, not the speed.
-        for cell in (cells[3], cells[4]):
+        for cell in (cells[5], cells[6]):
             med, lo, hi = numbers(cell)[:3]
             assert 0 < lo <= med <= hi, line
 
@@ -190,6 +190,22 @@ def test_subspace_similarity_reference():
     basis = lambda: np.linalg.qr(rng.normal(size=(d, 8)))[0]
     phis = [intrinsic_rank.subspace_similarity(basis(), basis(), 8, 8) for _ in range(20)]
     assert np.mean(phis) == pytest.approx(8 / d, rel=0.3)
+
+
+def test_op_profile_smoke():
+    """Both steps are profiled; op kinds add up to the total and every listed op has its shape."""
+    out = run_smoke("op_profile.py")
+    sections = re.findall(
+        r"### (\w+): compiled ops ([\d.]+) ms per step\n(.*?)(?=###|\Z)", out, re.S
+    )
+    assert [name for name, _, _ in sections] == ["floor", "factored"], out[-2000:]
+    for _, total, body in sections:
+        kinds = re.findall(r"^\| ([a-z_\-]+) \| ([\d.]+) \|$", body, re.M)
+        ops = re.findall(r"^\| (\S+) \| `(\S+)` \| ([\d.]+) \|$", body, re.M)
+        assert float(total) > 0 and kinds and ops, body
+        # the 12 largest kinds cover most of the total, and never more than all of it
+        assert 0.5 * float(total) <= sum(float(ms) for _, ms in kinds) <= float(total) + 0.1, body
+        assert all(re.fullmatch(r"\w+\[[\d,]*\]\S*", shape) for _, shape, _ in ops), body
 
 
 def test_causal_lm_smoke():

@@ -117,11 +117,46 @@ def test_base_matmul_runs_once_for_the_batch(mlp_bank):
     jaxpr = jax.make_jaxpr(lambda b, i, x: lj.lora_apply(mlp)(frozen, b, x, adapter_ids=i))(
         bank, ids, x
     )
-    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
-    shapes = [tuple(tuple(v.aval.shape) for v in e.invars) for e in dots]
-    # One unbatched base matmul per kernel over all 8 examples; low-rank ones batched (BGMV).
+    (cond,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+    per_example, one_slot = (branch.jaxpr for branch in cond.params["branches"])
+
+    def dots(jaxpr):
+        found = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+        shapes = [tuple(tuple(v.aval.shape) for v in e.invars) for e in found]
+        return shapes, [e.params["dimension_numbers"][1] != ((), ()) for e in found]
+
+    # Mixed ids: one unbatched base matmul per kernel over all 8 examples; low-rank ones
+    # batched (BGMV).
+    shapes, batched = dots(per_example)
     assert ((8, 1, 12), (12, 16)) in shapes and ((8, 1, 16), (16, 6)) in shapes
-    assert sum(e.params["dimension_numbers"][1] == ((), ()) for e in dots) == 2
+    assert batched.count(False) == 2 and batched.count(True) == len(batched) - 2
+    # One slot for the whole batch: the plain factored program, nothing batched per example.
+    shapes, batched = dots(one_slot)
+    assert ((8, 12), (12, 16)) in shapes and ((8, 16), (16, 6)) in shapes
+    assert not any(batched)
+
+
+def test_one_slot_for_every_example_runs_the_batch_as_one_call(mlp_bank):
+    """Identical ids take the one-call path (under jit too); others stay per example. A
+    function that centres its batch shows which ran: a batch of 1 centres to zero."""
+    params, frozen, adapters, bank = mlp_bank
+    x = jax.random.normal(jax.random.key(4), (4, 12))
+    centred = lambda p, x: mlp(p, x - x.mean(0))
+    run = lambda bank, ids, x: lj.lora_apply(centred)(frozen, bank, x, adapter_ids=ids)
+    for go in (run, jax.jit(run)):
+        same = go(bank, jnp.full((4,), 2, jnp.int32), x)
+        ref = numpy_mlp(params, adapters[1], x - x.mean(0))
+        np.testing.assert_allclose(same, ref, rtol=1e-5, atol=1e-5)
+        mixed = go(bank, jnp.array([2, 2, 2, 1], jnp.int32), x)
+        for k, slot in enumerate((2, 2, 2, 1)):
+            ref = numpy_mlp(params, adapters[slot - 1], np.zeros((1, 12)))[0]
+            np.testing.assert_allclose(mixed[k], ref, rtol=1e-5, atol=1e-5)
+    # An output without the batch axis exists per example only: that path runs.
+    total = lambda p, x: jnp.sum(mlp(p, x))
+    sums = jax.jit(lambda b, i, x: lj.lora_apply(total)(frozen, b, x, adapter_ids=i))
+    got = sums(bank, jnp.full((4,), 2, jnp.int32), x)
+    want = [numpy_mlp(params, adapters[1], x[k : k + 1]).sum() for k in range(4)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
 def test_slot_zero_is_the_base_exactly(mlp_bank):
@@ -251,7 +286,8 @@ def test_adapter_set_names_switching_and_disabled():
     assert adapters.names() == ["c", "b"]
     close(f(x, adapter="c"), t1)
     close(mlp(lj.merge(frozen, adapters.trainable("c")), x), t1)
-    assert len(calls) == 2  # one trace for a scalar slot, one for per-example slots
+    # One trace for a scalar slot; per-example slots trace the one-slot and per-example paths.
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])

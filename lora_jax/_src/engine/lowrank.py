@@ -22,7 +22,13 @@ def contract(x: jax.Array, xs: str, f: jax.Array, fs: str, out: str, **dot_kw) -
     """``einsum(xs, fs -> out)`` as one dot_general with both operands flattened to 2-D/3-D.
 
     XLA:CPU runs the weight-gradient contractions of flattened operands much faster
-    than those of (batch, seq, d) activations.
+    than those of (batch, seq, d) activations. A factor whose kept side is the smaller
+    one (``a`` of ``x . a``: r kept, d contracted) enters rank-first, ``(r, d)``, behind an
+    optimisation barrier, so its gradient is computed as ``dt^T . x`` ``(r, d)``: XLA:CPU
+    runs the ``x^T . dt`` ``(d, r)`` form XLA otherwise picks outside its fast matmul
+    library, 5-10x slower (docs/performance.md); the barrier stops XLA folding the
+    transpose back. Not with batch axes: XLA:CPU (jaxlib 0.10.2) aborts compiling that
+    batched dot (``dot_op_emitter.cc`` "IsMonotonicWithDim0Major").
     """
     batch = [c for c in xs if c in fs and c in out]
     contr = [c for c in xs if c in fs and c not in out]
@@ -43,10 +49,15 @@ def contract(x: jax.Array, xs: str, f: jax.Array, fs: str, out: str, **dot_kw) -
     prod = lambda cs: int(np.prod([size[c] for c in cs]))
     x2 = jnp.transpose(x, [xs.index(c) for c in batch + xk + contr])
     x2 = x2.reshape([size[c] for c in batch] + [prod(xk), prod(contr)])
-    f2 = jnp.transpose(f, [fs.index(c) for c in batch + contr + fk])
-    f2 = f2.reshape([size[c] for c in batch] + [prod(contr), prod(fk)])
     nb = len(batch)
-    dn = (((nb + 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
+    if not batch and prod(fk) < prod(contr):
+        f2 = jnp.transpose(f, [fs.index(c) for c in fk + contr]).reshape(prod(fk), prod(contr))
+        f2 = lax.optimization_barrier(f2)
+        dn = (((1,), (1,)), ((), ()))
+    else:
+        f2 = jnp.transpose(f, [fs.index(c) for c in batch + contr + fk])
+        f2 = f2.reshape([size[c] for c in batch] + [prod(contr), prod(fk)])
+        dn = (((nb + 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
     y = lax.dot_general(x2, f2, dn, **dot_kw)
     y = y.reshape([size[c] for c in batch + xk + fk])
     have = "".join(batch + xk + fk)
