@@ -154,15 +154,19 @@ def test_adapter_bank_forward_on_an_explicit_mesh():
         ids = jax.device_put(jnp.array([0, 1, 2, 2] * 4, jnp.int32), NamedSharding(mesh, P("data")))
         run = jax.jit(lambda b, i, x: lj.lora_apply(mlp, strict=True)(frozen, b, x, adapter_ids=i))
         y = run(bank, ids, x)
+        # Every example on one slot: the batch runs as one call (the bank's lax.cond).
+        same = jax.device_put(jnp.full((16,), 2, jnp.int32), NamedSharding(mesh, P("data")))
+        y_same = run(bank, same, x)
     assert jax.typeof(y).sharding.spec == P("data", None)
-    xs, ys = np.asarray(x, np.float64), np.asarray(y)
-    for row, slot in enumerate(np.asarray(ids)):  # slot 0 is the base, slot k adapter k - 1
-        t = adapters[slot - 1]
-        w = {k: np.asarray(raw[k]["kernel"], np.float64) + (slot > 0) * (ALPHA / R)
-             * np.asarray(t[k]["kernel"].a, np.float64) @ np.asarray(t[k]["kernel"].b, np.float64)
-             for k in raw}  # fmt: skip
-        want = np.maximum(xs[row] @ w["l1"], 0) @ w["l2"]
-        np.testing.assert_allclose(ys[row], want, rtol=1e-4, atol=1e-4)
+    xs = np.asarray(x, np.float64)
+    for out, slots in ((y, ids), (y_same, same)):
+        for row, slot in enumerate(np.asarray(slots)):  # slot 0 is the base, k adapter k - 1
+            t = adapters[slot - 1]
+            f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
+            w = {k: f64(raw[k]["kernel"]) + (slot > 0) * (ALPHA / R)
+                 * f64(t[k]["kernel"].a) @ f64(t[k]["kernel"].b) for k in raw}  # fmt: skip
+            want = np.maximum(xs[row] @ w["l1"], 0) @ w["l2"]
+            np.testing.assert_allclose(np.asarray(out)[row], want, rtol=1e-4, atol=1e-4)
 
 
 def test_quantising_a_weight_sharded_inside_the_matrix_names_the_fix(mesh):

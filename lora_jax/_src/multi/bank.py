@@ -416,10 +416,12 @@ def apply_bank(
         return jax.tree.map(lambda y: y[0] if y.ndim and y.shape[0] == 1 else y, out)
 
     per_example = lambda: jax.vmap(one, in_axes=(0, [axes[i] for i in batched]))(ids, dyn)
-    whole = lambda: apply(frozen, bank.select(ids[0]), *args, **kw)
+    # min/max, not ids[0]: a reduction also works on ids sharded over an Explicit mesh axis.
+    lowest, one_slot = jnp.min(ids), jnp.min(ids) == jnp.max(ids)
+    whole = lambda: apply(frozen, bank.select(lowest), *args, **kw)
     if not isinstance(ids, jax.core.Tracer):
-        return whole() if bool(jnp.all(ids == ids[0])) else per_example()
+        return whole() if bool(one_slot) else per_example()
     try:
-        return jax.lax.cond(jnp.all(ids == ids[0]), whole, per_example)
+        return jax.lax.cond(one_slot, whole, per_example)
     except TypeError:  # the paths' outputs differ (fn drops the batch axis): per example only
         return per_example()
