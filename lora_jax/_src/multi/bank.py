@@ -385,8 +385,9 @@ def apply_bank(
                 f"adapter_ids has slot {int(bad[0])} but the bank has slots 0..."
                 f"{bank.num_slots - 1}; load the adapter with bank.set(slot, trainable)."
             )
+    whole_batch = lambda slot: apply(frozen, bank.select(slot), *args, **kw)
     if ids.ndim == 0:
-        return apply(frozen, bank.select(ids), *args, **kw)
+        return whole_batch(ids)
 
     axes = [0 if any(_is_array(x) for x in jax.tree.leaves(a)) else None for a in args]
     if in_axes is not None:
@@ -417,8 +418,9 @@ def apply_bank(
 
     per_example = lambda: jax.vmap(one, in_axes=(0, [axes[i] for i in batched]))(ids, dyn)
     # min/max, not ids[0]: a reduction also works on ids sharded over an Explicit mesh axis.
-    lowest, one_slot = jnp.min(ids), jnp.min(ids) == jnp.max(ids)
-    whole = lambda: apply(frozen, bank.select(lowest), *args, **kw)
+    lowest = jnp.min(ids)
+    one_slot = lowest == jnp.max(ids)
+    whole = lambda: whole_batch(lowest)
     if not isinstance(ids, jax.core.Tracer):
         return whole() if bool(one_slot) else per_example()
     try:
